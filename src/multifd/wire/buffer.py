@@ -78,7 +78,8 @@ class ReceiveBuffer:
         end = self._pos + n
         if end > len(self._data):
             raise NeedData
-        out = bytes(self._data[self._pos : end])
+        with memoryview(self._data) as mv:
+            out = bytes(mv[self._pos : end])
         self._pos = end
         return out
 
@@ -88,7 +89,8 @@ class ReceiveBuffer:
         end = self._pos + n
         if end > len(self._data):
             raise NeedData
-        out[:] = memoryview(self._data)[self._pos : end]
+        with memoryview(self._data) as mv:
+            out[:] = mv[self._pos : end]
         self._pos = end
 
     def take_upto(self, n: int) -> bytes:

@@ -29,7 +29,8 @@ class WireError(Exception):
         """One line: what, then field=value when known (the offset is added by callers)."""
         text = self.what
         if self.field is not None:
-            shown = hex(self.value) if isinstance(self.value, int) and self.value > 9 else self.value
+            v = self.value
+            shown = hex(v) if isinstance(v, int) and not isinstance(v, bool) and v > 9 else v
             text += f" ({self.field}={shown!r})" if isinstance(shown, bytes) else (
                 f" ({self.field}={shown})"
             )

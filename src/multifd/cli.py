@@ -1,0 +1,135 @@
+"""The ``multifd`` console script: a thin argparse frame over ``multifd.commands.<name>``.
+
+Each command lives in its own module providing ``configure(parser)`` and
+``run(args) -> int``. Only the chosen command's module is imported, so a missing or broken
+command never takes the others down. Errors from a command print ``error: <message>``
+and exit 1; ``MULTIFD_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from types import ModuleType
+
+from multifd import __version__
+
+__all__ = ["COMMANDS", "main"]
+
+# name -> one-line help (shown without importing the command modules)
+COMMANDS: dict[str, str] = {
+    "demo": "migrate a live Python workload between two local processes and verify it",
+    "migrate": "migrate a machine to a destination URI",
+    "incoming": "receive a migration on a URI",
+    "serve": "run a machine with a QMP control socket",
+    "inspect": "describe a recorded QEMU migration stream",
+    "record": "receive a migration from QEMU and store it",
+    "replay": "send a recorded migration to a QEMU destination",
+}
+
+
+class CommandUnavailable(Exception):
+    pass
+
+
+def _debug() -> bool:
+    return os.environ.get("MULTIFD_DEBUG", "") not in ("", "0")
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="multifd",
+        description="QEMU-compatible multifd live migration in Python.",
+    )
+    parser.add_argument("--version", action="version", version=f"multifd {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {
+        name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()
+    }
+    return parser, subparsers
+
+
+def _find_command(argv: Sequence[str]) -> str | None:
+    """The first positional token: top-level options take no values, so this is the command."""
+    for tok in argv:
+        if tok == "--":
+            return None
+        if not tok.startswith("-"):
+            return tok
+    return None
+
+
+def _load(name: str) -> ModuleType:
+    modname = f"multifd.commands.{name}"
+    try:
+        module = importlib.import_module(modname)
+    except ModuleNotFoundError as exc:
+        if exc.name in (modname, "multifd.commands"):
+            raise CommandUnavailable(f"command {name} is not available in this build") from exc
+        raise CommandUnavailable(f"command {name} cannot be loaded: {exc}") from exc
+    except Exception as exc:
+        raise CommandUnavailable(f"command {name} cannot be loaded: {exc}") from exc
+    if not callable(getattr(module, "configure", None)) or not callable(
+        getattr(module, "run", None)
+    ):
+        raise CommandUnavailable(f"command {name} is not available in this build")
+    return module
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (never raises for command errors)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = _build_parser()
+    name = _find_command(args_list)
+    module: ModuleType | None = None
+    if name in COMMANDS:
+        try:
+            module = _load(name)
+            module.configure(subparsers[name])
+        except CommandUnavailable as exc:
+            if _debug():
+                traceback.print_exc()
+            return _error(str(exc))
+        except Exception as exc:
+            if _debug():
+                traceback.print_exc()
+            return _error(f"command {name} cannot be loaded: {exc}")
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if module is None:
+        parser.print_usage(sys.stderr)
+        return _error("a command is required (one of: " + ", ".join(COMMANDS) + ")")
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        rc = module.run(args)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        if _debug():
+            traceback.print_exc()
+        message = str(exc) or type(exc).__name__
+        return _error(message)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""A named, page-aligned RAM block with a numpy dirty bitmap (QEMU's RAMBlock).
+
+The block is an anonymous ``mmap`` exposed as a memoryview and as numpy views (bytes, pages,
+64-bit words). Owners mark what they write; the migration thread takes snapshots with
+:meth:`RamBlock.sync_dirty_bitmap` (QEMU's ``migration_bitmap_sync``).
+
+The rule that makes the bitmap lossless: writers mark AFTER writing the data, and marking and
+syncing take the same lock. A write racing a sync therefore lands either in this snapshot
+(its data is already in memory when the snapshot is taken, so the sender reads it after the
+sync) or in the next one; it is never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import threading
+
+import numpy as np
+
+__all__ = ["RamBlock"]
+
+# Pages scanned per numpy call in zero_pages(): bounds the temporary to 8 MiB of 4 KiB pages.
+_ZERO_SCAN_CHUNK = 2048
+# Bytes hashed per update() call in checksum(): hashlib drops the GIL for large buffers.
+_HASH_CHUNK = 64 << 20
+# Blocks at least this big ask for transparent huge pages.
+_THP_MIN = 4 << 20
+
+
+class RamBlock:
+    """Named guest-RAM-like buffer; ``used_length`` is ``size`` rounded up to ``page_size``."""
+
+    def __init__(self, name: str, size: int, *, page_size: int = 4096) -> None:
+        encoded = name.encode("utf-8") if isinstance(name, str) else b""
+        if not encoded or len(encoded) > 255:
+            raise ValueError(f"RAM block name must be 1..255 UTF-8 bytes, got {name!r}")
+        if page_size < 8 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 8, got {page_size}")
+        if size <= 0:
+            raise ValueError(f"RAM block size must be positive, got {size}")
+        self.name = name
+        self.page_size = page_size
+        self.num_pages = -(-size // page_size)
+        self.used_length = self.num_pages * page_size
+        self._mm: mmap.mmap | None = mmap.mmap(
+            -1, self.used_length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )
+        if self.used_length >= _THP_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:  # fewer page faults on first touch (big win for GiB blocks)
+                self._mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        self._view: memoryview = memoryview(self._mm)
+        self._array: np.ndarray = np.frombuffer(self._mm, dtype=np.uint8)
+        self._pages = self._array.reshape(self.num_pages, page_size)
+        self._words = self._array.view(np.uint64).reshape(self.num_pages, page_size // 8)
+        self._lock = threading.Lock()
+        self._bitmap = np.zeros(self.num_pages, dtype=bool)
+        self._logging = True
+        self._closed = False
+
+    # -- views ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError(f"RAM block {self.name!r} is closed")
+
+    @property
+    def view(self) -> memoryview:
+        """Writable memoryview of the whole block (zero-copy)."""
+        self._check()
+        return self._view
+
+    @property
+    def array(self) -> np.ndarray:
+        """1-D ``uint8`` numpy view of the block."""
+        self._check()
+        return self._array
+
+    @property
+    def pages(self) -> np.ndarray:
+        """``uint8`` view shaped ``(num_pages, page_size)``."""
+        self._check()
+        return self._pages
+
+    @property
+    def words(self) -> np.ndarray:
+        """``uint64`` view shaped ``(num_pages, page_size // 8)``, for fast zero scans."""
+        self._check()
+        return self._words
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- writes and dirty tracking ---------------------------------------------------------
+
+    def _page_range(self, start: int, length: int) -> tuple[int, int]:
+        if start < 0 or length < 0 or start + length > self.used_length:
+            raise ValueError(
+                f"range {start}+{length} outside RAM block {self.name!r} "
+                f"(used_length={self.used_length})"
+            )
+        first = start // self.page_size
+        end = -(-(start + length) // self.page_size)
+        return first, end
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Copy ``data`` to ``offset`` and mark the touched pages dirty (data first)."""
+        self._check()
+        src = memoryview(data).cast("B")
+        first, end = self._page_range(offset, src.nbytes)
+        self._view[offset : offset + src.nbytes] = src
+        if self._logging and end > first:
+            with self._lock:
+                self._bitmap[first:end] = True
+
+    def mark_dirty(self, start: int, length: int) -> None:
+        """Mark the pages overlapping ``[start, start + length)`` dirty."""
+        self._check()
+        first, end = self._page_range(start, length)
+        if self._logging and end > first:
+            with self._lock:
+                self._bitmap[first:end] = True
+
+    def mark_dirty_pages(self, idx: np.ndarray) -> None:
+        """Bulk path: mark the page indices in ``idx`` dirty (one numpy call)."""
+        self._check()
+        if not self._logging:
+            return
+        idx = np.asarray(idx)
+        if idx.size == 0:
+            return
+        if idx.dtype == bool:
+            if idx.shape != (self.num_pages,):
+                raise ValueError("boolean page mask must have one entry per page")
+            with self._lock:
+                self._bitmap |= idx
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.num_pages:
+            raise ValueError(
+                f"page index out of range for RAM block {self.name!r}: "
+                f"min={lo} max={hi} num_pages={self.num_pages}"
+            )
+        with self._lock:
+            self._bitmap[idx] = True
+
+    def mark_all_dirty(self) -> None:
+        """Every page dirty (first pass of a migration sends the whole block)."""
+        self._check()
+        with self._lock:
+            self._bitmap[:] = True
+
+    def sync_dirty_bitmap(self) -> np.ndarray:
+        """Return the dirty bitmap snapshot (bool per page) and start a clean one.
+
+        The swap happens under the writers' lock, so the snapshot holds every write whose
+        mark came before it; the rest will be in the next snapshot. The caller owns the
+        returned array.
+        """
+        self._check()
+        fresh = np.zeros(self.num_pages, dtype=bool)
+        with self._lock:
+            snapshot, self._bitmap = self._bitmap, fresh
+        return snapshot
+
+    def dirty_count(self) -> int:
+        """Pages currently marked dirty (not yet taken by a sync)."""
+        self._check()
+        with self._lock:
+            return int(np.count_nonzero(self._bitmap))
+
+    def start_dirty_log(self, *, all_dirty: bool = True) -> None:
+        """Enable marking; by default mark every page dirty (QEMU's ram_init_bitmaps)."""
+        self._check()
+        with self._lock:
+            self._logging = True
+            if all_dirty:
+                self._bitmap[:] = True
+
+    def stop_dirty_log(self) -> None:
+        """Disable marking (writes no longer need tracking) and clear the bitmap."""
+        self._check()
+        with self._lock:
+            self._logging = False
+            self._bitmap[:] = False
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._logging
+
+    # -- scans ---------------------------------------------------------------------------
+
+    def zero_pages(self, idx: np.ndarray) -> np.ndarray:
+        """For each page index in ``idx``, True if the page is all zero.
+
+        Scans in chunks of pages so a whole-block scan never allocates a block-sized
+        temporary; runs of consecutive indices are scanned through a view without copying.
+        """
+        self._check()
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty(idx.shape[0], dtype=bool)
+        words = self._words
+        for pos in range(0, idx.shape[0], _ZERO_SCAN_CHUNK):
+            part = idx[pos : pos + _ZERO_SCAN_CHUNK]
+            first, last = int(part[0]), int(part[-1])
+            if last - first + 1 == part.shape[0] and (
+                part.shape[0] == 1 or bool(np.all(np.diff(part) == 1))
+            ):
+                rows = words[first : last + 1]
+            else:
+                rows = words[part]
+            np.logical_not(rows.any(axis=1), out=out[pos : pos + part.shape[0]])
+        return out
+
+    def checksum(self) -> str:
+        """SHA-256 hex digest of the block contents (hashed in place, no full copy)."""
+        self._check()
+        h = hashlib.sha256()
+        view = self._view
+        for pos in range(0, self.used_length, _HASH_CHUNK):
+            h.update(view[pos : pos + _HASH_CHUNK])
+        return h.hexdigest()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the block; later use raises ValueError. Idempotent.
+
+        If someone still holds a numpy view, the mapping is released when that view dies.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        mm = self._mm
+        self._mm = None
+        self._view.release()
+        del self._pages, self._words, self._array
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an outside view still exports the buffer; freed with it
+
+    def __enter__(self) -> RamBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.used_length} bytes"
+        return f"RamBlock({self.name!r}, {state}, page_size={self.page_size})"

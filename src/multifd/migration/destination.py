@@ -1,0 +1,384 @@
+"""Migration destination: accept, load the main stream, run the multifd barrier, resume.
+
+    destination (thread "incoming")                      channel threads (multifdrecv_N)
+    -------------------------------                      -------------------------------
+    listen; accept main + N channels per profile
+    validate every MultiFDInit_t  ------------------->   start: header -> validate ->
+    main loop: decode records                            recv straight into RAM
+      ram MEM_SIZE: check the block list                 SYNC: stop and wait
+      ZERO / PAGE records: apply                              |
+      EOS (7.2) / 0x200 (10): Receiver.sync_main()  <--------+ release all
+      device sections: Device.load_*
+      SWITCHOVER_START: start device load jobs
+      EOF (+ VMDESCRIPTION)
+    wait for load jobs, close channels
+    resume the machine (unless the source was paused)
+
+A failure at any point marks the migration failed and leaves the machine paused: a
+half-loaded destination never runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from multifd.machine.device import Device
+from multifd.machine.machine import Machine
+from multifd.migration.params import MigrationCapabilities, MigrationParameters
+from multifd.migration.profile import QEMU_10, Profile
+from multifd.migration.sections import GLOBALSTATE_BODY, GLOBALSTATE_IDSTR, decode_globalstate
+from multifd.migration.source import _totals
+from multifd.migration.stats import MigrationStats, query_migrate
+from multifd.migration.status import MigrationStatus, StatusMachine
+from multifd.multifd.receiver import Receiver
+from multifd.transport.channels import accept_channels
+from multifd.transport.exec import open_stream
+from multifd.transport.sockets import Listener
+from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri, supports_multifd
+from multifd.wire.buffer import NEED_DATA
+from multifd.wire.constants import Command, SectionType
+from multifd.wire.errors import BadName, Mismatch, WireError
+from multifd.wire.ram import (
+    RamEos,
+    RamMemSize,
+    RamMultifdFlush,
+    RamPage,
+    RamSettings,
+    RamZero,
+)
+from multifd.wire.stream import (
+    LENGTH_PREFIXED,
+    CommandRecord,
+    Configuration,
+    EndOfStream,
+    MainStreamDecoder,
+    SectionBody,
+    SectionHeader,
+    VmDescription,
+)
+
+ACCEPT_TIMEOUT_S = 30.0
+RECV_CHUNK = 1 << 20
+
+
+class MigrationDestination:
+    """Receives a migration into `machine`: `listen(uri)`, then `wait()`."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        *,
+        params: MigrationParameters | None = None,
+        caps: MigrationCapabilities | None = None,
+        profile: Profile = QEMU_10,
+        uuid: bytes = bytes(16),
+        machine_type: str = "multifd-python",
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        accept_timeout: float = ACCEPT_TIMEOUT_S,
+        fresh_ram: bool = False,
+    ) -> None:
+        self.fresh_ram = fresh_ram
+        self.machine = machine
+        self.params = params if params is not None else MigrationParameters()
+        self.caps = caps if caps is not None else MigrationCapabilities()
+        self.profile = profile
+        self.uuid = uuid
+        self.machine_type = machine_type
+        self.on_event = on_event
+        self.accept_timeout = accept_timeout
+        self.status = StatusMachine()
+        self.stats = MigrationStats()
+        self.error: str | None = None
+        self.source_runstate: str | None = None
+        self.t_start = 0.0
+        self.t_end = 0.0
+        self.resume_wall = 0.0  # time.time() when the machine resumed
+        self.receiver: Receiver | None = None
+        self._listener: Listener | None = None
+        self._thread: threading.Thread | None = None
+        self._main: Any = None
+        self._cancelled = threading.Event()
+        self._devices: dict[tuple[str, int], Device] = {
+            (d.idstr, d.instance_id): d for d in machine.devices
+        }
+        self._section_dev: dict[int, Device] = {}
+
+    # -- public ---------------------------------------------------------------------------
+    def listen(self, uri: str) -> str:
+        """Bind now (so a port 0 gets its real number) and start the incoming thread."""
+        addr = parse_uri(uri)
+        self.t_start = time.monotonic()
+        self.status.set(MigrationStatus.SETUP)
+        self._emit("MIGRATION", {"status": "setup"})
+        if isinstance(addr, TcpAddress | UnixAddress):
+            self._listener = Listener(addr)
+            bound = str(self._listener.address)
+        else:
+            bound = str(addr)
+        self._thread = threading.Thread(
+            target=self._run, args=(addr,), name="incoming", daemon=True
+        )
+        self._thread.start()
+        return bound
+
+    def wait(self, timeout: float | None = None) -> MigrationStatus:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status.status
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._shutdown("migration cancelled on the destination")
+
+    def query(self) -> dict[str, Any]:
+        end = self.t_end or time.monotonic()
+        if self.receiver is not None:
+            tot = _totals(self.receiver.channel_stats().values())
+            self.stats.set(
+                normal=tot.get("normal_pages", 0) + self._main_normal,
+                duplicate=tot.get("zero_pages", 0) + self._main_zero,
+            )
+        return query_migrate(
+            self.status.status,
+            self.stats,
+            total_time_ms=int((end - self.t_start) * 1000) if self.t_start else 0,
+            error=self.error,
+        )
+
+    _main_normal = 0
+    _main_zero = 0
+
+    # -- the incoming thread --------------------------------------------------------------
+    def _run(self, addr: Any) -> None:
+        try:
+            self._accept(addr)
+            self._set_status(MigrationStatus.ACTIVE)
+            self._load()
+            if self.receiver is not None:
+                self.receiver.close()
+            self.machine.finish_incoming()
+            self.t_end = time.monotonic()
+            self._set_status(MigrationStatus.COMPLETED)
+            if self.source_runstate in (None, "running"):
+                self.resume_wall = time.time()
+                self.machine.resume()
+        except BaseException as exc:
+            self.t_end = time.monotonic()
+            if self._cancelled.is_set():
+                self.error = "migration cancelled on the destination"
+            else:
+                self.error = str(exc) or type(exc).__name__
+            self._shutdown(self.error)
+            self.status.fail(self.error)
+            self._emit("MIGRATION", {"status": "failed"})
+        finally:
+            if self._listener is not None:
+                self._listener.close()
+            if self._main is not None:
+                try:
+                    self._main.close()
+                except OSError:
+                    pass
+
+    def _accept(self, addr: Any) -> None:
+        multifd = self.caps.get("multifd")
+        if self._listener is None:
+            if multifd:
+                raise ValueError(f"multifd needs a socket URI, not {addr}")
+            self._main = open_stream(addr, "r")
+            return
+        if multifd:
+            if not supports_multifd(addr):
+                raise ValueError(f"multifd needs a socket URI, not {addr}")
+            n = self.params.multifd_channels
+            main, chans = accept_channels(self._listener, n, self.profile.name,
+                                          self.accept_timeout)
+            self._main = main
+            self.receiver = Receiver(
+                channels=n,
+                uuid=self.uuid,
+                layout=self.profile.layout,
+                compression=self.params.multifd_compression,
+                page_size=self._page_size(),
+                blocks=dict(self.machine.blocks),
+                device_state_sink=self._device_state_buffer,
+                fresh_ram=self.fresh_ram,
+            )
+            for c in chans:
+                self.receiver.add_channel(c, timeout=self.accept_timeout)
+        else:
+            self._main = self._listener.accept(self.accept_timeout)
+        self._listener.close()
+        self._listener = None
+
+    def _page_size(self) -> int:
+        blocks = list(self.machine.blocks.values())
+        return blocks[0].page_size if blocks else 4096
+
+    def _decoder(self) -> MainStreamDecoder:
+        parsers: dict[str, Any] = {d.idstr: LENGTH_PREFIXED for d in self.machine.devices}
+        parsers[GLOBALSTATE_IDSTR] = GLOBALSTATE_BODY
+        ram = RamSettings(
+            page_size=self._page_size(),
+            allow_multifd_flush=self.profile.allow_multifd_flush,
+        )
+        return MainStreamDecoder(
+            ram=ram,
+            blocks={b.name: b.used_length for b in self.machine.blocks.values()},
+            body_parsers=parsers,
+            opaque_tail=False,
+            allow_switchover_start=self.profile.switchover_start,
+        )
+
+    def _load(self) -> None:
+        dec = self._decoder()
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        main = self._main
+        done = False
+        while not done:
+            n = main.recv_into(view)
+            self.stats.add_main_bytes(n)
+            if n == 0:
+                dec.receive_eof()
+            else:
+                dec.receive_data(view[:n])
+            while True:
+                rec = dec.next_record()
+                if rec is NEED_DATA:
+                    break
+                if self._apply(rec):
+                    done = True
+            if n == 0:
+                if not dec.finished:
+                    raise WireError("main stream closed early", offset=dec.offset)
+                break
+            if done and dec.finished:
+                break
+
+    def _apply(self, rec: Any) -> bool:
+        """Apply one record; True once the stream is complete (EOF seen, vmdesc optional)."""
+        blocks = self.machine.blocks
+        if isinstance(rec, RamZero):
+            blk = blocks[rec.block]
+            blk.pages[rec.offset // blk.page_size] = rec.fill
+            self._main_zero += 1
+        elif isinstance(rec, RamPage):
+            blk = blocks[rec.block]
+            blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
+            self._main_normal += 1
+        elif isinstance(rec, RamEos):
+            if self.receiver is not None and self.profile.sync_per_section:
+                self.receiver.sync_main()
+        elif isinstance(rec, RamMultifdFlush):
+            if self.receiver is None:
+                raise Mismatch("MULTIFD_FLUSH on a stream without multifd channels")
+            self.receiver.sync_main()
+        elif isinstance(rec, RamMemSize):
+            self._check_blocks(rec)
+        elif isinstance(rec, SectionHeader):
+            self._section(rec)
+        elif isinstance(rec, SectionBody):
+            self._body(rec)
+        elif isinstance(rec, Configuration):
+            if rec.machine != self.machine_type:
+                raise Mismatch(
+                    f"machine type received is '{rec.machine}' and local is "
+                    f"'{self.machine_type}'"
+                )
+        elif isinstance(rec, CommandRecord):
+            if rec.cmd == Command.SWITCHOVER_START:
+                self._switchover_start()
+        elif isinstance(rec, EndOfStream):
+            self._finish_devices()
+            return True
+        elif isinstance(rec, VmDescription):
+            return True
+        return False
+
+    def _check_blocks(self, rec: RamMemSize) -> None:
+        blocks = self.machine.blocks
+        for info in rec.blocks:
+            blk = blocks.get(info.name)
+            if blk is None:
+                raise BadName("unknown RAM block", field="block", value=info.name)
+            if blk.used_length != info.used_length:
+                raise Mismatch(
+                    f"RAM block {info.name!r} is {info.used_length} bytes on the source and "
+                    f"{blk.used_length} here"
+                )
+
+    def _section(self, hdr: SectionHeader) -> None:
+        self._current = hdr
+        if hdr.type in (SectionType.START, SectionType.FULL):
+            if hdr.idstr in ("ram", GLOBALSTATE_IDSTR):
+                return
+            dev = self._devices.get((hdr.idstr, hdr.instance_id))
+            if dev is None:
+                raise BadName("unknown device section", field="idstr",
+                              value=f"{hdr.idstr}/{hdr.instance_id}")
+            if hdr.version_id > dev.version_id:
+                raise Mismatch(
+                    f"section {hdr.idstr} version {hdr.version_id} is newer than ours "
+                    f"({dev.version_id})"
+                )
+            self._section_dev[hdr.section_id] = dev
+            self._current_kind = hdr.type
+        else:
+            self._current_kind = hdr.type
+
+    def _body(self, rec: SectionBody) -> None:
+        hdr = self._current
+        if hdr.type == SectionType.FULL and hdr.idstr == GLOBALSTATE_IDSTR:
+            self.source_runstate = decode_globalstate(rec.data)
+            return
+        dev = self._section_dev.get(hdr.section_id)
+        if dev is None:
+            raise Mismatch("section body for an unknown section", field="section_id",
+                           value=hdr.section_id)
+        kind = hdr.type
+        if kind == SectionType.FULL:
+            dev.load_state(rec.data, hdr.version_id)
+        elif kind == SectionType.START:
+            dev.load_setup(rec.data)
+        else:
+            dev.load_iterate(rec.data)
+
+    def _device_state_buffer(self, idstr: str, instance_id: int, data: bytes) -> None:
+        raise Mismatch("device-state packet for a device that does not take them",
+                       field="idstr", value=f"{idstr}/{instance_id}")
+
+    def _switchover_start(self) -> None:
+        """MIG_CMD_SWITCHOVER_START: the point where device load jobs may begin."""
+
+    def _finish_devices(self) -> None:
+        """After EOF: every device load has finished before the machine may run."""
+
+    # -- helpers --------------------------------------------------------------------------
+    def _set_status(self, st: MigrationStatus) -> None:
+        self.status.set(st)
+        self._emit("MIGRATION", {"status": st.value})
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(name, data)
+            except Exception:
+                pass
+
+    def _shutdown(self, why: str) -> None:
+        if self.receiver is not None:
+            self.receiver.abort(why)
+        main = self._main
+        if isinstance(main, socket.socket):
+            try:
+                main.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._listener is not None:
+            self._listener.close()
+

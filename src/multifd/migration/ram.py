@@ -1,0 +1,221 @@
+"""The "ram" section handler (QEMU migration/ram.c), source and destination side.
+
+Source: after a dirty-bitmap sync, pages to send sit in a per-block `todo` bitmap. An
+iteration walks it from a cursor in block order, 128 pages (one multifd packet) at a time:
+page batches go into RAM payload slots handed to `Sender.send`; zero pages go where the
+profile says (ZERO records on the main stream for qemu-7.2, zero offsets inside packets
+for qemu-10). A pass ends when the walk wraps; a page is sent at most once per pass and
+passes are separated by a multifd sync, which is what keeps an old copy of a page from
+overtaking a newer one on another channel (qemu-reference.md §3.6).
+
+Destination: applies ZERO/PAGE records from the main stream and runs the multifd sync
+barrier at the markers the profile uses (EOS for qemu-7.2, MULTIFD_FLUSH for qemu-10).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from multifd.multifd.ram import RamPayload
+from multifd.multifd.slots import SendSlot
+from multifd.wire.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, page_count
+from multifd.wire.ram import RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, encode_ram_record
+from multifd.wire.ram_batch import encode_page_run, encode_zero_run
+
+if TYPE_CHECKING:
+    from multifd.machine.machine import Machine
+    from multifd.machine.ramblock import RamBlock
+    from multifd.migration.mainstream import MainStreamWriter
+    from multifd.migration.profile import Profile
+    from multifd.multifd.sender import Sender
+
+MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
+
+
+class RamCounters:
+    """Page counters that query-migrate reports (duplicate = zero pages)."""
+
+    def __init__(self) -> None:
+        self.normal = 0
+        self.duplicate = 0
+        self.dirty_sync_count = 0
+        self.dirty_pages_last_sync = 0
+        self.last_sync_time = 0.0
+
+
+class RamSaveHandler:
+    """Source side of the "ram" section."""
+
+    idstr = RAM_SECTION_IDSTR
+    instance_id = 0
+    version_id = RAM_SECTION_VERSION
+
+    def __init__(
+        self,
+        machine: Machine,
+        main: MainStreamWriter,
+        profile: Profile,
+        sender: Sender | None,
+    ) -> None:
+        self.machine = machine
+        self.main = main
+        self.profile = profile
+        self.sender = sender
+        self.blocks: list[RamBlock] = list(machine.blocks.values())
+        self.todo = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
+        self.todo_count = 0
+        self.cursor_block = 0
+        self.cursor_page = 0
+        self.unsynced = False  # pages went to channels since the last multifd sync
+        self.last_main_block: str | None = None  # CONTINUE tracking for main-stream records
+        self.counters = RamCounters()
+        self.page_size = self.blocks[0].page_size if self.blocks else 4096
+        self.slot = SendSlot(self.page_size)
+        self.batch = page_count(self.page_size)
+
+    # -- setup ------------------------------------------------------------------------------
+    def save_setup(self) -> None:
+        """SECTION_START body: the block list, the first sync, EOS (ram_save_setup)."""
+        infos = tuple(RamBlockInfo(b.name, b.used_length) for b in self.blocks)
+        total = sum(b.used_length for b in self.blocks)
+        self.main.write(encode_ram_record(RamMemSize(total, infos)))
+        for b in self.blocks:
+            b.start_dirty_log()
+        self.bitmap_sync(first=True)
+        if self.sender is not None:
+            self._multifd_sync(force=True)
+        self.main.write(encode_ram_record(RamEos()))
+
+    # -- dirty tracking -----------------------------------------------------------------------
+    def bitmap_sync(self, first: bool = False) -> None:
+        """migration_bitmap_sync: fold every block's dirty bits into todo."""
+        added = 0
+        for b, todo in zip(self.blocks, self.todo, strict=True):
+            if first:
+                b.sync_dirty_bitmap()
+                todo[:] = True
+                added += b.num_pages
+            else:
+                snap = b.sync_dirty_bitmap()
+                added += int(np.count_nonzero(snap & ~todo))
+                todo |= snap
+        self.todo_count += added
+        c = self.counters
+        c.dirty_sync_count += 1
+        c.dirty_pages_last_sync = added
+        c.last_sync_time = time.monotonic()
+
+    def pending_bytes(self) -> int:
+        return self.todo_count * self.page_size
+
+    def dirty_estimate_bytes(self) -> int:
+        """Pages dirtied since the last sync (not yet folded into todo)."""
+        return sum(b.dirty_count() * b.page_size for b in self.blocks)
+
+    # -- sending --------------------------------------------------------------------------
+    def iterate(self, final: bool = False) -> bool:
+        """Send todo pages from the cursor; stop after MAX_WAIT (unless final) or at the wrap.
+
+        Returns True when the pass is complete and nothing is left in todo.
+        """
+        deadline = None if final else time.monotonic() + MAX_WAIT_S
+        while self.cursor_block < len(self.blocks):
+            block = self.blocks[self.cursor_block]
+            todo = self.todo[self.cursor_block]
+            idx = np.flatnonzero(todo[self.cursor_page :])
+            if idx.size:
+                idx += self.cursor_page
+            pos = 0
+            while pos < idx.size:
+                chunk = idx[pos : pos + self.batch]
+                pos += chunk.size
+                todo[chunk] = False
+                self.todo_count -= int(chunk.size)
+                self._send_pages(block, chunk)
+                self.cursor_page = int(chunk[-1]) + 1
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+            self.cursor_block += 1
+            self.cursor_page = 0
+        # The walk wrapped: the pass is over.
+        self.cursor_block = 0
+        self.cursor_page = 0
+        if self.sender is not None and not self.profile.sync_per_section:
+            self._multifd_sync()
+        return self.todo_count == 0
+
+    def _send_pages(self, block: RamBlock, pages: np.ndarray) -> None:
+        ps = block.page_size
+        offsets = pages.astype(np.uint64) * np.uint64(ps)
+        if self.sender is None:
+            # Single stream: ZERO and PAGE records inline, in page order.
+            zero = block.zero_pages(pages)
+            self._write_zero(block, offsets[zero])
+            normal = pages[~zero]
+            if normal.size:
+                cont = self.last_main_block == block.name
+                self.main.write(
+                    encode_page_run(
+                        block.name, offsets[~zero], block.pages[normal], first_continues=cont
+                    )
+                )
+                self.last_main_block = block.name
+            self.counters.normal += int(normal.size)
+            self.counters.duplicate += int(zero.sum())
+            return
+        if not self.profile.zero_pages_in_multifd:
+            zero = block.zero_pages(pages)
+            nz = int(zero.sum())
+            if nz:
+                self._write_zero(block, offsets[zero])
+                self.counters.duplicate += nz
+                offsets = offsets[~zero]
+            if offsets.size == 0:
+                return
+        self.counters.normal += int(offsets.size)  # qemu-10: corrected by the channel stats
+        self.slot.payload(RamPayload).fill(block, offsets)
+        self.slot = self.sender.send(self.slot)
+        self.unsynced = True
+
+    def _write_zero(self, block: RamBlock, offsets: np.ndarray) -> None:
+        if offsets.size == 0:
+            return
+        cont = self.last_main_block == block.name
+        self.main.write(encode_zero_run(block.name, offsets, first_continues=cont))
+        self.last_main_block = block.name
+
+    def _multifd_sync(self, force: bool = False) -> None:
+        """One SYNC per channel, then the marker; the marker is flushed before more pages."""
+        assert self.sender is not None
+        if not (self.unsynced or force):
+            return
+        self.sender.sync()
+        self.unsynced = False
+        if not self.profile.sync_per_section:
+            self.main.write(encode_ram_record(RamMultifdFlush()))
+            self.main.flush()
+
+    def section_end(self) -> None:
+        """Close a PART/END section body: per-section sync for 7.2, then EOS."""
+        if self.sender is not None:
+            if self.profile.sync_per_section:
+                self._multifd_sync(force=True)
+            else:
+                self._multifd_sync()
+        self.main.write(encode_ram_record(RamEos()))
+
+    def save_complete(self) -> None:
+        """SECTION_END body (called with the machine paused): everything left, then EOS."""
+        self.bitmap_sync()
+        while not self.iterate(final=True):
+            pass
+        self.section_end()
+        for b in self.blocks:
+            b.stop_dirty_log()
+
+    def cleanup(self) -> None:
+        for b in self.blocks:
+            b.stop_dirty_log()

@@ -1,0 +1,455 @@
+"""Migration source: one migration thread drives setup, iterations, switchover, completion.
+
+    source                                   destination
+    ------                                   -----------
+    connect main, then N multifd channels    accept (7.2: first is main; 10: peek magic)
+    each channel: MultiFDInit_t              validate magic/version/uuid/id
+    main: QEVM, configuration
+    ram START: block list [SYNC x N] EOS     (7.2: sync at EOS; 10: at 0x200)
+    live devices START
+    loop: ram PART: pages -> channels,       channels: recv straight into RAM,
+          zeros -> main (7.2) or packets;    stop at SYNC until the main stream
+          [SYNC x N + 0x200 at a wrap (10)]   reaches the matching marker
+          [SYNC x N] EOS (7.2)
+          until pending < bandwidth x downtime-limit (exact, after a bitmap sync)
+    pause machine
+    [SWITCHOVER_START (10)]                  start device load jobs
+    ram END, live devices END, FULL devices  load sections
+    EOF, VMDESCRIPTION                       wait for load jobs, resume
+
+Switchover is "pause, then iterate with final=True until every handler is done"; there
+is no separate completion hook. A failed or cancelled migration resumes the machine if it
+was running before, and its state is untouched (the source only ever reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from multifd.machine.machine import Machine
+from multifd.migration.mainstream import MainStreamWriter
+from multifd.migration.params import MigrationCapabilities, MigrationParameters
+from multifd.migration.profile import QEMU_10, Profile
+from multifd.migration.ram import RamSaveHandler
+from multifd.migration.sections import (
+    GLOBALSTATE_IDSTR,
+    DeviceSaveHandler,
+    encode_globalstate,
+    vmdesc_entry,
+)
+from multifd.migration.stats import BandwidthMeter, MigrationStats, RateLimiter, query_migrate
+from multifd.migration.status import IllegalTransition, MigrationStatus, StatusMachine
+from multifd.multifd.sender import Sender
+from multifd.transport.channels import connect_channels
+from multifd.transport.exec import open_stream
+from multifd.transport.sockets import connect, sendmsg_all
+from multifd.transport.uri import FdAddress, parse_uri, supports_multifd
+from multifd.wire.constants import Command, SectionType, ram_packet_len
+from multifd.wire.stream import (
+    CommandRecord,
+    Configuration,
+    EndOfStream,
+    FileHeader,
+    SectionFooter,
+    SectionHeader,
+    VmDescription,
+    encode_record,
+)
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class MigrationCancelled(Exception):
+    """migrate_cancel was called."""
+
+
+class MigrationSource:
+    """Migrates a `Machine` out; `start(uri)` returns at once, `wait()` for the outcome."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        *,
+        params: MigrationParameters | None = None,
+        caps: MigrationCapabilities | None = None,
+        profile: Profile = QEMU_10,
+        uuid: bytes = bytes(16),
+        machine_type: str = "multifd-python",
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.params = params if params is not None else MigrationParameters()
+        self.caps = caps if caps is not None else MigrationCapabilities()
+        self.profile = profile
+        self.uuid = uuid
+        self.machine_type = machine_type
+        self.on_event = on_event
+        self.status = StatusMachine()
+        self.stats = MigrationStats()
+        self.error: str | None = None
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sender: Sender | None = None
+        self._closers: list[Callable[[], None]] = []
+        self._ram: RamSaveHandler | None = None
+        self._meter = BandwidthMeter()
+        self._limiter = RateLimiter(self.params.max_bandwidth)
+        self.t_start = 0.0
+        self.t_setup_done = 0.0
+        self.t_pause = 0.0  # monotonic
+        self.pause_wall = 0.0  # time.time() at pause, for a destination on the same host
+        self.t_end = 0.0
+        self.expected_downtime_ms = self.params.downtime_limit
+        self.passes = 0
+
+    # -- public ---------------------------------------------------------------------------
+    def start(self, uri: str) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a migration is already running from this source")
+        addr = parse_uri(uri)  # bad URIs fail here, in the caller
+        self.t_start = time.monotonic()
+        self.status.set(MigrationStatus.SETUP)
+        self._thread = threading.Thread(
+            target=self._run, args=(addr,), name="live_migration", daemon=True
+        )
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """migrate_cancel: stop at once; the machine keeps (or goes back to) running."""
+        if self.status.is_final():
+            return
+        self._cancel.set()
+        self._set_status(MigrationStatus.CANCELLING)
+        self._abort_io("migration cancelled")
+
+    def wait(self, timeout: float | None = None) -> MigrationStatus:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status.status
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate's MigrationInfo for this migration."""
+        now = time.monotonic()
+        end = self.t_end or now
+        total_ms = int((end - self.t_start) * 1000) if self.t_start else 0
+        setup_ms = int((self.t_setup_done - self.t_start) * 1000) if self.t_setup_done else None
+        downtime_ms = int((self.t_end - self.t_pause) * 1000) if self.t_end and self.t_pause else None
+        self._fill_ram_stats()
+        return query_migrate(
+            self.status.status,
+            self.stats,
+            total_time_ms=total_ms,
+            setup_time_ms=setup_ms,
+            downtime_ms=downtime_ms,
+            expected_downtime_ms=int(self.expected_downtime_ms),
+            error=self.error,
+        )
+
+    @property
+    def downtime_ms(self) -> float:
+        return (self.t_end - self.t_pause) * 1000 if self.t_end and self.t_pause else 0.0
+
+    def channel_stats(self) -> list[dict[str, int]]:
+        return self._sender.channel_stats() if self._sender is not None else []
+
+    # -- the migration thread -------------------------------------------------------------
+    def _run(self, addr: Any) -> None:
+        was_running = self.machine.is_running
+        paused_by_us = False
+        try:
+            main = self._open(addr)
+            self._setup(main)
+            self.t_setup_done = time.monotonic()
+            self._set_status(MigrationStatus.ACTIVE)
+            self._iterate_until_converged(main)
+            paused_by_us = was_running
+            self._check_cancel()
+            self.machine.pause()
+            self.t_pause = time.monotonic()
+            self.pause_wall = time.time()
+            self._set_status(MigrationStatus.DEVICE)
+            self._limiter.disable()
+            self._complete(main)
+            self.t_end = time.monotonic()
+            self._close_io(clean=True)
+            self._set_status(MigrationStatus.COMPLETED)
+        except BaseException as exc:
+            self.t_end = time.monotonic()
+            self._abort_io(str(exc))
+            if self._ram is not None:
+                self._ram.cleanup()
+            if paused_by_us:
+                self.machine.resume()
+            if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
+                self._set_status(MigrationStatus.CANCELLED)
+            else:
+                self.error = _describe(exc)
+                if self.status.fail(self.error):
+                    self._emit("MIGRATION", {"status": "failed"})
+        finally:
+            self._fill_ram_stats()
+
+    def _open(self, addr: Any) -> MainStreamWriter:
+        multifd = self.caps.get("multifd")
+        if multifd and not supports_multifd(addr):
+            raise ValueError(f"multifd needs a socket URI, not {addr}")
+        if multifd:
+            sock, chans = connect_channels(
+                addr, self.params.multifd_channels, self.profile.name, CONNECT_TIMEOUT_S
+            )
+            self._closers.append(sock.close)
+            for c in chans:
+                self._closers.append(c.close)
+            self._sender = Sender(
+                chans,
+                uuid=self.uuid,
+                layout=self.profile.layout,
+                compression=self.params.multifd_compression,
+                level=self._compression_level(),
+                zero_page_detection=self.profile.zero_pages_in_multifd,
+                page_size=self._page_size(),
+                rate_limiter=self._limiter,
+            )
+            self._sender.start()
+            self._closers.insert(0, lambda: self._sender.abort("closing") if self._sender else None)
+            send: Callable[[Sequence[Any]], None] = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            self._shutdown_main = lambda: _shutdown(sock)
+        elif isinstance(addr, FdAddress) or not supports_multifd(addr):
+            stream = open_stream(addr, "w")
+            self._closers.append(stream.close)
+            send = lambda bufs: sendmsg_all(stream, bufs)  # noqa: E731
+            self._shutdown_main = stream.close
+        else:
+            sock = connect(addr, CONNECT_TIMEOUT_S)
+            self._closers.append(sock.close)
+            send = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            self._shutdown_main = lambda: _shutdown(sock)
+
+        def counted(n: int) -> None:
+            self.stats.add_main_bytes(n)
+            self._limiter.consume(n)
+
+        return MainStreamWriter(send, on_bytes=counted)
+
+    def _compression_level(self) -> int | None:
+        method = self.params.multifd_compression
+        if method == "zlib":
+            return int(self.params.multifd_zlib_level)
+        if method == "zstd":
+            return int(self.params.multifd_zstd_level)
+        return None
+
+    def _page_size(self) -> int:
+        blocks = list(self.machine.blocks.values())
+        return blocks[0].page_size if blocks else 4096
+
+    def _setup(self, main: MainStreamWriter) -> None:
+        main.write(encode_record(FileHeader()))
+        main.write(encode_record(Configuration(machine=self.machine_type)))
+        section_id = 0
+        self._ram = RamSaveHandler(self.machine, main, self.profile, self._sender)
+        self._ram_section = section_id
+        self._devices: list[DeviceSaveHandler] = []
+        for dev in self.machine.devices:
+            section_id += 1
+            self._devices.append(DeviceSaveHandler(dev, section_id, main))
+        self._global_section = section_id + 1
+        # ram START
+        main.write(encode_record(SectionHeader(
+            SectionType.START, self._ram_section, self._ram.idstr, 0, self._ram.version_id)))
+        self._ram.save_setup()
+        main.write(encode_record(SectionFooter(self._ram_section)))
+        for h in self._devices:
+            h.save_setup()
+        main.flush()
+        self._emit("MIGRATION_PASS", {"pass": self._ram.counters.dirty_sync_count})
+
+    def _iterate_until_converged(self, main: MainStreamWriter) -> None:
+        assert self._ram is not None
+        ram = self._ram
+        while True:
+            self._check_cancel()
+            main.write(encode_record(SectionHeader(SectionType.PART, self._ram_section)))
+            ram.iterate()
+            ram.section_end()
+            main.write(encode_record(SectionFooter(self._ram_section)))
+            for h in self._devices:
+                h.iterate(final=False)
+            main.flush()
+            self._meter.update(self._transferred())
+            bw = self._meter.bytes_per_ms()  # bytes/ms over the last >= 100 ms window
+            threshold = bw * self._switchover_bandwidth_factor() * self.params.downtime_limit
+            pending = ram.pending_bytes() + sum(h.pending() for h in self._devices)
+            if bw > 0:
+                dirty = ram.counters.dirty_pages_last_sync * ram.page_size
+                if dirty:
+                    self.expected_downtime_ms = dirty / bw
+            if pending <= threshold or (pending == 0 and threshold == 0):
+                # The estimate says we can switch: get the exact figure (bitmap sync).
+                ram.bitmap_sync()
+                self.passes += 1
+                self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
+                pending = ram.pending_bytes() + sum(h.pending() for h in self._devices)
+                if bw > 0:
+                    self.expected_downtime_ms = pending / bw
+                if pending <= threshold:
+                    return
+            self._throttle_check()
+
+    def _switchover_bandwidth_factor(self) -> float:
+        avail = int(self.params.get("avail-switchover-bandwidth") or 0)
+        if avail:
+            bw = self._meter.bytes_per_ms()
+            return (avail / 1000.0) / bw if bw > 0 else 0.0
+        return 1.0
+
+    def _throttle_check(self) -> None:
+        """auto-converge: raise the workload throttle while dirtying outruns sending."""
+        if not self.caps.get("auto-converge") or self._ram is None:
+            return
+        ram = self._ram
+        dirtied = ram.counters.dirty_pages_last_sync * ram.page_size
+        sent = self._meter.window_bytes()
+        threshold = self.params.throttle_trigger_threshold / 100.0
+        if sent and dirtied > sent * threshold:
+            self._throttle_hits = getattr(self, "_throttle_hits", 0) + 1
+            if self._throttle_hits >= 2:
+                cur = self.machine.throttle
+                step = self.params.cpu_throttle_initial if cur == 0 else (
+                    cur + self.params.cpu_throttle_increment)
+                self.machine.set_throttle(min(step, self.params.max_cpu_throttle))
+                self._throttle_hits = 0
+
+    def _complete(self, main: MainStreamWriter) -> None:
+        assert self._ram is not None
+        if self.profile.switchover_start:
+            main.write(encode_record(CommandRecord(Command.SWITCHOVER_START, b"")))
+        main.write(encode_record(SectionHeader(SectionType.END, self._ram_section)))
+        self._ram.save_complete()
+        main.write(encode_record(SectionFooter(self._ram_section)))
+        for h in self._devices:
+            h.complete()
+        for h in self._devices:
+            h.save_full()
+        main.write(encode_record(SectionHeader(
+            SectionType.FULL, self._global_section, GLOBALSTATE_IDSTR, 0, 1)))
+        main.write(encode_globalstate("running"))
+        main.write(encode_record(SectionFooter(self._global_section)))
+        main.write(encode_record(EndOfStream()))
+        main.write(encode_record(VmDescription(self._vmdesc())))
+        main.flush()
+        if self._sender is not None:
+            self._sender.close()
+        self.machine.set_throttle(0)
+
+    def _vmdesc(self) -> bytes:
+        devices = [vmdesc_entry(h.device.idstr, h.device.instance_id, h.device.version_id,
+                                h.full_size) for h in self._devices if h.full_size is not None]
+        devices.append(vmdesc_entry(GLOBALSTATE_IDSTR, 0, 1, 104, fields=[
+            {"name": "size", "type": "uint32", "size": 4},
+            {"name": "runstate", "type": "buffer", "size": 100}]))
+        doc = {"page_size": self._page_size(), "devices": devices}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _transferred(self) -> int:
+        self._fill_ram_stats()
+        return int(self.stats.transferred)
+
+    def _fill_ram_stats(self) -> None:
+        s = self.stats
+        if self._sender is not None:
+            ch = _totals(self._sender.channel_stats())
+            if self.params.multifd_compression == "none":
+                s.multifd_bytes = ch.get("wire_bytes", 0)
+            else:  # QEMU counts logical bytes plus packet headers
+                s.multifd_bytes = ch.get("logical_bytes", 0) + ch.get("packets", 0) * (
+                    ram_packet_len(self._page_size()))
+            s.wire_bytes = s.main_bytes + ch.get("wire_bytes", 0)
+            normal_mfd = ch.get("normal_pages", 0)
+            zero_mfd = ch.get("zero_pages", 0)
+        else:
+            s.multifd_bytes = 0
+            s.wire_bytes = s.main_bytes
+            normal_mfd = zero_mfd = 0
+        s.transferred = s.main_bytes + s.multifd_bytes
+        if self._ram is not None:
+            c = self._ram.counters
+            if self._sender is not None and self.profile.zero_pages_in_multifd:
+                s.normal = normal_mfd
+                s.duplicate = zero_mfd
+            else:
+                s.normal = c.normal
+                s.duplicate = c.duplicate + zero_mfd
+            s.normal_bytes = s.normal * self._ram.page_size
+            s.dirty_sync_count = c.dirty_sync_count
+            s.remaining = self._ram.pending_bytes() + self._ram.dirty_estimate_bytes()
+        s.total = self.machine.total_ram()
+        s.mbps = self._meter.mbps()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    def _set_status(self, st: MigrationStatus) -> None:
+        try:
+            self.status.set(st)
+        except IllegalTransition:
+            return
+        self._emit("MIGRATION", {"status": st.value})
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(name, data)
+            except Exception:
+                pass
+
+    def _abort_io(self, why: str) -> None:
+        if self._sender is not None:
+            self._sender.abort(why)
+        shut = getattr(self, "_shutdown_main", None)
+        if shut is not None:
+            try:
+                shut()
+            except OSError:
+                pass
+        self._close_io(clean=False)
+
+    def _close_io(self, clean: bool) -> None:
+        closers, self._closers = self._closers, []
+        if clean and self._sender is not None:
+            self._sender.close()
+        for c in closers:
+            try:
+                c()
+            except Exception:
+                pass
+
+
+def _shutdown(sock: Any) -> None:
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _totals(per_channel: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Sum per-channel counters."""
+    out: dict[str, int] = {}
+    for ch in per_channel:
+        for k, v in ch.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text
+

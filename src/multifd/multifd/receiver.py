@@ -1,0 +1,326 @@
+"""Destination side of the multifd core: the Receiver and its channel threads.
+
+Sequence (QEMU `multifd.c` multifd_recv_new_channel / multifd_recv_thread /
+multifd_recv_sync_main, qemu-reference.md 3.1, 3.5, 3.6):
+
+    socket                 multifdrecv_<id>                Receiver           main loader
+      |-- init (64 B) --> add_channel: validate, bind id, start thread           |
+      |-- hdr(12) ------->| kind = flags & kind_mask -> RecvOps                   |
+      |-- rest + data --->| validate vs blocks, recv_into RAM / sink             |
+      |-- SYNC ---------->| (pages first) reached SYNC; BLOCK                    |
+      |                   |                                 |<-- sync_main() at EOS (7.2)
+      |                   |                                 |    or MULTIFD_FLUSH (10)
+      |                   |<-- released when all N reached -|                    |
+      |-- EOF ----------->| thread ends                                          |
+
+Guarantee of the barrier: when `sync_main` returns, every packet sent before the matching
+SYNC on every channel is in memory, and no channel has read past its SYNC before then, so
+an older copy of a page can never land after a newer one.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from multifd.compress import get_method
+from multifd.multifd._io import recv_exact_into, recvmsg_exact_into
+from multifd.multifd.slots import ChannelStats, MultifdError, Stats, recv_ops_table
+from multifd.wire.constants import (
+    MULTIFD_COMMON_HEADER_SIZE,
+    MULTIFD_INIT_PACKET_SIZE,
+    PacketLayout,
+)
+from multifd.wire.errors import BadRecordType
+from multifd.wire.packet import InitPacket, decode_common_header, validate_init
+
+_WAIT_SLICE = 0.1
+DEFAULT_MAX_DEVICE_STATE_PAYLOAD = 64 * 1024 * 1024
+
+DeviceStateSink = Callable[[str, int, bytearray], None]
+
+
+class RecvChannel:
+    """One receiving channel: socket, thread, header/scratch buffers, decompressor."""
+
+    def __init__(self, receiver: Receiver, cid: int, sock: socket.socket) -> None:
+        self.id = cid
+        self.sock = sock
+        self.layout = receiver.layout
+        self.page_size = receiver.page_size
+        self.config = receiver
+        self.header = memoryview(bytearray(receiver._header_size))
+        self.compression_flag = int(receiver.method.flag)
+        self.decompressor = (receiver.method.new_decompressor()
+                             if receiver.method.flag else None)
+        self.stats = ChannelStats(receiver.stats)
+        self.at_sync = False
+        self.ended = False
+        self.thread: threading.Thread | None = None
+        self._state: dict[int, Any] = {}
+
+    def read_exact(self, view: memoryview) -> None:
+        recv_exact_into(self.sock, view)
+
+    def read_scatter(self, views: list[memoryview]) -> None:
+        recvmsg_exact_into(self.sock, views)
+
+    def state(self, ops: object, factory: Callable[[], Any]) -> Any:
+        key = id(ops)
+        st = self._state.get(key)
+        if st is None:
+            st = self._state[key] = factory()
+        return st
+
+
+class Receiver:
+    """Multifd destination: validates channels, runs their threads, provides the barrier.
+
+    `blocks` maps RAM block names to RamBlock-like objects (name, used_length, page_size,
+    view, pages). `device_state_sink(idstr, instance_id, data)` receives device-state
+    buffers on the channel thread (it should only store them). `max_payload` bounds a
+    device-state buffer. `on_error(err)` is called once, from the failing thread.
+    `fresh_ram=True` promises the blocks are all zero now (a new machine): zero pages
+    never received are then skipped without touching memory.
+    Sockets passed to `add_channel` are owned by the Receiver afterwards.
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        uuid: bytes,
+        layout: PacketLayout,
+        compression: str = "none",
+        page_size: int = 4096,
+        blocks: Mapping[str, Any],
+        device_state_sink: DeviceStateSink | None = None,
+        max_payload: int = DEFAULT_MAX_DEVICE_STATE_PAYLOAD,
+        on_error: Callable[[MultifdError], None] | None = None,
+        stats: Stats | None = None,
+        fresh_ram: bool = False,
+    ) -> None:
+        if not 1 <= channels <= 255:
+            raise ValueError(f"multifd needs 1..255 channels, got {channels}")
+        self.channels = channels
+        self.uuid = bytes(uuid)
+        self.layout = layout
+        self.method = get_method(compression)
+        self.page_size = page_size
+        self.blocks = dict(blocks)
+        for name, b in self.blocks.items():
+            if b.page_size != page_size:
+                raise ValueError(f"block {name!r} page size {b.page_size} != {page_size}")
+        self.block_sizes = {name: int(b.used_length) for name, b in self.blocks.items()}
+        # fresh_ram: the blocks are all zero before the migration (a new machine), so a
+        # zero page never received needs no write and no read (QEMU's recv bitmap).
+        self.received: dict[str, np.ndarray] = (
+            {name: np.zeros(b.num_pages, dtype=bool) for name, b in self.blocks.items()}
+            if fresh_ram else {})
+        self.device_state_sink = device_state_sink
+        self.max_payload = max_payload
+        self.on_error = on_error
+        self.stats = stats
+        self._kind_mask, self._ops = recv_ops_table(layout)
+        self._header_size = max(ops.header_size(page_size) for ops in self._ops.values())
+        self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
+        self._chans: dict[int, RecvChannel] = {}
+        self._n_at_sync = 0
+        self._error: MultifdError | None = None
+        self._stopping = False
+        self._closed = False
+        self.syncs = 0
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def error(self) -> MultifdError | None:
+        """The error that failed this Receiver, if any."""
+        return self._error
+
+    def add_channel(self, sock: socket.socket, timeout: float | None = None) -> int:
+        """Read and validate `sock`'s 64-byte init packet (magic, version, uuid, id <
+        channels, id not yet used), then start its receive thread. Returns the id.
+
+        On a validation error the WireError/MultifdError propagates and the socket is left
+        to the caller (QEMU fails the migration then)."""
+        buf = bytearray(MULTIFD_INIT_PACKET_SIZE)
+        old = sock.gettimeout()
+        sock.settimeout(timeout)
+        try:
+            recv_exact_into(sock, memoryview(buf))
+        except TimeoutError:
+            raise MultifdError("multifd channel: timed out reading the init packet") from None
+        finally:
+            sock.settimeout(old)
+        pkt = InitPacket.decode(bytes(buf))
+        with self._mu:
+            if self._stopping:
+                raise MultifdError("multifd receiver is closed")
+            validate_init(pkt, uuid=self.uuid, channels=self.channels,
+                          seen=set(self._chans))
+            cid = int(pkt.channel_id)
+            if cid in self._chans:  # validate_init checks too; keep it under our lock
+                raise MultifdError(f"multifd channel id {cid} connected twice")
+            ch = RecvChannel(self, cid, sock)
+            self._chans[cid] = ch
+            ch.thread = threading.Thread(target=self._run, args=(ch,),
+                                         name=f"multifdrecv_{cid}", daemon=True)
+            ch.thread.start()
+            self._cv.notify_all()
+        return cid
+
+    def wait_all_channels(self, timeout: float | None = None) -> None:
+        """Block until all `channels` channels are connected (or fail/timeout)."""
+        self._wait_for(lambda: len(self._chans) == self.channels, timeout,
+                       "all multifd channels to connect")
+
+    def sync_main(self, timeout: float | None = None) -> None:
+        """The main-stream loader's barrier at EOS (7.2) / MULTIFD_FLUSH (10): wait until
+        every channel has reached its SYNC packet (and applied everything before it), then
+        release them all. Raises MultifdError if a channel failed, closed, or on timeout."""
+
+        def all_reached() -> bool:
+            if self._n_at_sync == self.channels:
+                return True
+            for ch in self._chans.values():
+                if ch.ended and not ch.at_sync:
+                    raise MultifdError(f"multifd channel {ch.id} closed before its SYNC")
+            return False
+
+        with self._mu:
+            self._wait_locked(all_reached, timeout, "every channel's SYNC")
+            for ch in self._chans.values():
+                ch.at_sync = False
+            self._n_at_sync = 0
+            self.syncs += 1
+            self._cv.notify_all()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Fail the Receiver and stop every thread (promptly, also those at a SYNC)."""
+        self._fail(MultifdError(f"multifd receiver aborted: {reason}"), notify=False)
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: shut the sockets down, release the barrier, join every thread, close the
+        sockets. Safe to call after EOF or after an error; idempotent."""
+        with self._mu:
+            self._stopping = True
+            chans = list(self._chans.values())
+            self._cv.notify_all()
+        for ch in chans:
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        for ch in chans:
+            if ch.thread is not None and ch.thread is not me:
+                ch.thread.join(max(0.0, deadline - time.monotonic()))
+        if self._closed:
+            return
+        self._closed = True
+        for ch in chans:
+            try:
+                ch.sock.close()
+            except OSError:
+                pass
+
+    def channel_stats(self) -> dict[int, dict[str, int]]:
+        """Per-channel counters: packets, sync_packets, normal_pages, zero_pages,
+        wire_bytes_ram, wire_bytes_device_state, device_state_buffers."""
+        with self._mu:
+            return {cid: dict(ch.stats) for cid, ch in sorted(self._chans.items())}
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _wait_for(self, pred: Callable[[], bool], timeout: float | None, what: str) -> None:
+        with self._mu:
+            self._wait_locked(pred, timeout, what)
+
+    def _wait_locked(self, pred: Callable[[], bool], timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._stopping:
+                raise MultifdError("multifd receiver is closed")
+            if pred():
+                return
+            wait = _WAIT_SLICE
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MultifdError(f"multifd receiver: timed out waiting for {what}")
+                wait = min(wait, left)
+            self._cv.wait(wait)
+
+    def _fail(self, err: MultifdError, *, notify: bool = True) -> None:
+        with self._mu:
+            if self._error is not None:
+                return
+            self._error = err
+            chans = list(self._chans.values())
+            self._cv.notify_all()
+        for ch in chans:  # like multifd_recv_terminate_threads: stop every channel
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if notify and self.on_error is not None:
+            self.on_error(err)
+
+    def _reach_sync(self, ch: RecvChannel) -> bool:
+        """Post "reached SYNC", then block until sync_main releases us. False: stopping."""
+        with self._mu:
+            ch.at_sync = True
+            self._n_at_sync += 1
+            self._cv.notify_all()
+            while ch.at_sync:
+                if self._stopping or self._error is not None:
+                    return False
+                self._cv.wait(_WAIT_SLICE)
+        return True
+
+    def _run(self, ch: RecvChannel) -> None:
+        common = ch.header[:MULTIFD_COMMON_HEADER_SIZE]
+        mask = self._kind_mask
+        table = self._ops
+        st = ch.stats
+        try:
+            while True:
+                if not recv_exact_into(ch.sock, common, eof_ok=True):
+                    break  # EOF between packets: the source is done with this channel
+                flags = decode_common_header(common)
+                ops = table.get(flags & mask)
+                if ops is None:
+                    raise BadRecordType(f"packet kind not allowed with layout "
+                                        f"{self.layout.value}", field="flags", value=flags)
+                if ops.receive(ch, flags):
+                    st.add("packets", 1)
+                    st.add("sync_packets", 1)
+                    if not self._reach_sync(ch):
+                        break
+                else:
+                    st.add("packets", 1)
+        except BaseException as exc:
+            if not self._stopping:
+                self._fail(MultifdError(f"multifd channel {ch.id} failed: "
+                                        f"{type(exc).__name__}: {exc}"))
+        finally:
+            with self._mu:
+                ch.ended = True
+                self._cv.notify_all()

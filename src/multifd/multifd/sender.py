@@ -1,0 +1,348 @@
+"""Source side of the multifd core: the Sender and its channel threads.
+
+Sequence (one channel shown; QEMU `multifd.c` multifd_send / multifd_send_thread /
+multifd_send_sync_main, qemu-reference.md 3.5, 3.6, 5.1):
+
+    producer(s)              Sender                  multifdsend_<id>        socket
+        |                      |                          |-- init packet (64 B) -->|
+        |-- send(filled) ----->| wait idle channel,       |                          |
+        |                      | swap slots, wake ------->| prepare (ops of kind)    |
+        |<-- empty slot -------|                          |-- sendmsg [hdr, *data] ->|
+        |-- sync() ----------->| pending_sync on all ---->| (after pending job)      |
+        |                      |<-- all SYNCs written ----|-- SYNC packet ---------->|
+        |-- main stream: EOS / MULTIFD_FLUSH (the caller, right away) ---------------->
+
+Memory: one slot per channel plus one per client; payload objects are reused, so the hot
+path allocates nothing per packet. The core never looks at the payload kind: it asks the
+kind's registered `SendOps` for the packet buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from multifd.compress import get_method
+from multifd.multifd._io import byte_views, sendmsg_all
+from multifd.multifd.slots import (
+    ChannelStats,
+    MultifdError,
+    RateLimiter,
+    SendSlot,
+    Stats,
+    send_ops_for,
+)
+from multifd.wire.constants import PacketLayout
+from multifd.wire.packet import InitPacket, RamPacketEncoder
+
+_WAIT_SLICE = 0.1  # seconds between abort checks in bounded waits
+
+
+class SendChannel:
+    """One channel: its socket, slot, thread and per-channel codec state."""
+
+    def __init__(self, sender: Sender, cid: int, sock: socket.socket) -> None:
+        self.id = cid
+        self.sock = sock
+        self.layout = sender.layout
+        self.page_size = sender.page_size
+        self.zero_page_detection = sender.zero_page_detection
+        self.slot = SendSlot(sender.page_size)
+        self.pending_job = False
+        self.pending_sync = False
+        self.cv = threading.Condition(sender._mu)
+        self.encoder = RamPacketEncoder(sender.layout, sender.page_size)
+        self.compressor = sender.method.new_compressor(sender.level)
+        self.compression_flag = int(sender.method.flag)
+        self.stats = ChannelStats(sender.stats)
+        self.thread: threading.Thread | None = None
+        self._counter = sender._packet_counter
+        self._state: dict[int, Any] = {}
+
+    def next_packet_num(self) -> int:
+        """Global packet number (shared by all channels; SYNCs consume numbers too)."""
+        return next(self._counter)  # itertools.count: atomic under the GIL
+
+    def state(self, ops: object, factory: Callable[[], Any]) -> Any:
+        """Per-channel state owned by a payload kind's ops (e.g. a bounce buffer)."""
+        key = id(ops)
+        st = self._state.get(key)
+        if st is None:
+            st = self._state[key] = factory()
+        return st
+
+
+class Sender:
+    """Multifd source: N channel threads fed through slot swaps.
+
+    `socks` are connected stream sockets, one per channel (index = channel id); the Sender
+    owns them from now on and closes them in `close()` / `abort()`.
+    """
+
+    def __init__(
+        self,
+        socks: Sequence[socket.socket],
+        *,
+        uuid: bytes,
+        layout: PacketLayout,
+        compression: str = "none",
+        level: int | None = None,
+        zero_page_detection: bool = False,
+        page_size: int = 4096,
+        rate_limiter: RateLimiter | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        if not 1 <= len(socks) <= 255:
+            raise ValueError(f"multifd needs 1..255 channels, got {len(socks)}")
+        if len(uuid) != 16:
+            raise ValueError("uuid must be 16 bytes")
+        if zero_page_detection and layout is not PacketLayout.HEAD:
+            raise ValueError("in-channel zero-page detection needs the HEAD packet layout "
+                             "(a 7.2 peer ignores zero_pages)")
+        self.uuid = bytes(uuid)
+        self.layout = layout
+        self.method = get_method(compression)
+        self.level = level
+        self.zero_page_detection = zero_page_detection
+        self.page_size = page_size
+        self.rate_limiter = rate_limiter
+        self.stats = stats
+        self._mu = threading.Lock()
+        self._idle_cv = threading.Condition(self._mu)  # a channel became idle
+        self._sync_cv = threading.Condition(self._mu)  # a SYNC was written
+        self._send_mutex = threading.Lock()  # like multifd_send_mutex: one producer picks
+        self._sync_mutex = threading.Lock()
+        self._packet_counter = itertools.count()
+        self._next_channel = 0
+        self._error: MultifdError | None = None
+        self._quit = False
+        self._started = False
+        self._closed = False
+        self.channels = [SendChannel(self, i, s) for i, s in enumerate(socks)]
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def error(self) -> MultifdError | None:
+        """The error that failed this Sender, if any."""
+        return self._error
+
+    def new_slot(self) -> SendSlot:
+        """A client's own slot (one per producer; reuse the one `send` hands back)."""
+        return SendSlot(self.page_size)
+
+    def start(self) -> None:
+        """Start one thread per channel; each writes its init packet first."""
+        if self._started:
+            raise RuntimeError("Sender already started")
+        self._started = True
+        for ch in self.channels:
+            ch.thread = threading.Thread(target=self._run, args=(ch,),
+                                         name=f"multifdsend_{ch.id}", daemon=True)
+            ch.thread.start()
+
+    def send(self, slot: SendSlot, timeout: float | None = None) -> SendSlot:
+        """Queue `slot`'s payload on the next idle channel (round-robin).
+
+        Blocks until a channel is idle, swaps `slot` with that channel's empty slot and
+        returns the empty one for the caller to fill next. Thread-safe for several
+        producers. Raises MultifdError if the Sender failed or (with `timeout`) no channel
+        became idle in time.
+        """
+        payload = slot.active
+        if payload is None or payload.is_empty():
+            raise ValueError("send() of an empty slot")
+        send_ops_for(payload).check(payload, self.layout)
+        if not self._started:
+            raise RuntimeError("Sender not started")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        n = len(self.channels)
+        with self._send_mutex, self._mu:
+            while True:
+                self._raise_if_failed()
+                start = self._next_channel
+                for k in range(n):
+                    ch = self.channels[(start + k) % n]
+                    if not ch.pending_job:
+                        break
+                else:
+                    self._wait(self._idle_cv, deadline, "an idle channel")
+                    continue
+                break
+            self._next_channel = (ch.id + 1) % n
+            ch.slot, slot = slot, ch.slot
+            ch.pending_job = True
+            ch.cv.notify()
+        return slot
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Write exactly one SYNC packet on every channel, each after that channel's
+        pending job; return once all of them are written.
+
+        DEADLOCK HAZARD (qemu-reference.md 3.6): once channel k has sent its SYNC, the
+        destination stops reading channel k until its main-stream loader reaches the
+        matching marker. The caller must therefore write *and flush* the main-stream EOS
+        (qemu-7.2) or MULTIFD_FLUSH (qemu-10) marker right after this returns, before it
+        queues any more pages; otherwise later sends can block forever on a full socket.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._sync_mutex, self._mu:
+            self._raise_if_failed()
+            if not self._started:
+                raise RuntimeError("Sender not started")
+            for ch in self.channels:
+                ch.pending_sync = True
+                ch.cv.notify()
+            while any(ch.pending_sync for ch in self.channels):
+                self._raise_if_failed()
+                self._wait(self._sync_cv, deadline, "the SYNC packets to be written")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Fail the Sender now: shut the sockets down so blocked sends return, join every
+        channel thread, close the sockets. Idempotent."""
+        self._fail(MultifdError(f"multifd sender aborted: {reason}"))
+        self._join(None)
+        self._close_sockets()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish: let pending jobs and SYNCs go out (up to `timeout`), stop and join the
+        threads, close the sockets. Aborts if the channels do not drain in time."""
+        if self._closed:
+            return
+        if self._started:
+            deadline = time.monotonic() + timeout
+            with self._mu:
+                while self._error is None and any(
+                    ch.pending_job or ch.pending_sync for ch in self.channels
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._idle_cv.wait(min(left, _WAIT_SLICE))
+                self._quit = True
+                for ch in self.channels:
+                    ch.cv.notify()
+            if not self._join(max(0.0, deadline - time.monotonic())):
+                self._fail(MultifdError("multifd sender: channels did not drain on close"))
+                self._join(None)
+        self._close_sockets()
+
+    def channel_stats(self) -> list[dict[str, int]]:
+        """Per-channel counters: packets, sync_packets, wire_bytes, wire_bytes_<kind>,
+        logical_bytes, normal_pages, zero_pages, device_state_buffers."""
+        return [dict(ch.stats) for ch in self.channels]
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.abort(f"{exc[0].__name__}: {exc[1]}")  # type: ignore[union-attr]
+
+    # -- internals --------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._quit:
+            raise MultifdError("multifd sender is closed")
+
+    def _wait(self, cv: threading.Condition, deadline: float | None, what: str) -> None:
+        if deadline is None:
+            cv.wait(_WAIT_SLICE)
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MultifdError(f"multifd sender: timed out waiting for {what}")
+        cv.wait(min(left, _WAIT_SLICE))
+
+    def _fail(self, err: MultifdError) -> None:
+        with self._mu:
+            if self._error is None:
+                self._error = err
+            self._quit = True
+            for ch in self.channels:
+                ch.cv.notify_all()
+            self._idle_cv.notify_all()
+            self._sync_cv.notify_all()
+        for ch in self.channels:
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _join(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        for ch in self.channels:
+            t = ch.thread
+            if t is None or t is me:
+                continue
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                return False
+        return True
+
+    def _close_sockets(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ch in self.channels:
+            try:
+                ch.sock.close()
+            except OSError:
+                pass
+
+    def _run(self, ch: SendChannel) -> None:
+        try:
+            sendmsg_all(ch.sock, [InitPacket(self.uuid, ch.id).encode()])
+            limiter = self.rate_limiter
+            st = ch.stats
+            while True:
+                with self._mu:
+                    while not (ch.pending_job or ch.pending_sync or self._quit):
+                        ch.cv.wait()
+                    if self._error is not None:
+                        return
+                    job = ch.slot if ch.pending_job else None
+                    if job is None and not ch.pending_sync:
+                        return  # quit with nothing pending
+                if job is not None:
+                    payload = job.active
+                    ops = send_ops_for(payload)  # type: ignore[arg-type]
+                    logical = ops.logical_bytes(payload)
+                    bufs = byte_views(ops.prepare(payload, ch))
+                    wire = sum(len(v) for v in bufs)
+                    if limiter is not None:
+                        limiter.consume(wire)
+                    sendmsg_all(ch.sock, bufs)
+                    st.add("packets", 1)
+                    st.add("wire_bytes", wire)
+                    st.add("wire_bytes_" + ops.stat_name, wire)
+                    st.add("logical_bytes", logical)
+                    job.clear()
+                    with self._mu:
+                        ch.pending_job = False
+                        self._idle_cv.notify_all()
+                else:
+                    header = ch.encoder.encode_sync(ch.next_packet_num())
+                    wire = memoryview(header).nbytes
+                    if limiter is not None:
+                        limiter.consume(wire)
+                    sendmsg_all(ch.sock, [header])
+                    st.add("packets", 1)
+                    st.add("sync_packets", 1)
+                    st.add("wire_bytes", wire)
+                    st.add("wire_bytes_ram", wire)
+                    with self._mu:
+                        ch.pending_sync = False
+                        self._sync_cv.notify_all()
+        except BaseException as exc:  # any failure fails the whole Sender
+            self._fail(MultifdError(f"multifd channel {ch.id} failed: "
+                                    f"{type(exc).__name__}: {exc}"))

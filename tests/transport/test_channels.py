@@ -1,0 +1,242 @@
+"""Connection ordering per profile: first-is-main (qemu-7.2) and peek-by-magic (qemu-10)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from multifd.transport.channels import (
+    ChannelError,
+    accept_channels,
+    classify_magic,
+    connect_channels,
+)
+from multifd.transport.sockets import Listener, connect, recv_exactly
+from multifd.transport.uri import TcpAddress, UnixAddress
+
+pytestmark = pytest.mark.timeout(60)
+
+QEVM = struct.pack(">I", 0x5145564D)
+MFD = struct.pack(">I", 0x11223344)
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def listener(request: pytest.FixtureRequest, tmp_path: Path):
+    addr = TcpAddress("127.0.0.1", 0) if request.param == "tcp" else UnixAddress(
+        str(tmp_path / "m.sock"))
+    with Listener(addr) as lst:
+        yield lst
+
+
+def _hello(kind: str, ident: int) -> bytes:
+    return (QEVM if kind == "main" else MFD) + struct.pack(">I", ident)
+
+
+def _assert_closed(sock: socket.socket) -> None:
+    sock.settimeout(2)
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+
+
+def test_classify_magic() -> None:
+    assert classify_magic(QEVM) == "main"
+    assert classify_magic(MFD) == "multifd"
+    with pytest.raises(ChannelError, match=r"47 45 54 20 .*b'GET '"):
+        classify_magic(b"GET ")
+
+
+def test_qemu72_first_connection_is_main(listener: Listener) -> None:
+    result: dict[str, object] = {}
+
+    def dest() -> None:
+        result["v"] = accept_channels(listener, 3, "qemu-7.2", timeout=5)
+
+    t = threading.Thread(target=dest)
+    t.start()
+    main, chans = connect_channels(listener.address, 3, "qemu-7.2", timeout=5)
+    # 7.2 has no peek: the multifd sockets may write first, main may stay silent.
+    for i, c in enumerate(chans):
+        c.sendall(_hello("multifd", i))
+    main.sendall(_hello("main", 99))
+    t.join(5)
+    dmain, dchans = result["v"]  # type: ignore[misc]
+    assert recv_exactly(dmain, 8) == _hello("main", 99)
+    assert [bytes(recv_exactly(c, 8)) for c in dchans] == [_hello("multifd", i) for i in range(3)]
+    for s in [main, *chans, dmain, *dchans]:
+        s.close()
+
+
+def _connect_in_order(
+    addr: TcpAddress | UnixAddress, order: list[tuple[str, int]], delay: float = 0.02
+) -> list[socket.socket]:
+    socks = []
+    for kind, ident in order:
+        s = connect(addr, 5)
+        s.sendall(_hello(kind, ident))
+        socks.append(s)
+        time.sleep(delay)  # make the accept order the connect order
+    return socks
+
+
+def test_qemu10_peek_with_shuffled_order(listener: Listener) -> None:
+    order = [("multifd", 2), ("multifd", 0), ("main", 0), ("multifd", 3), ("multifd", 1)]
+    result: dict[str, object] = {}
+    t = threading.Thread(
+        target=lambda: result.setdefault("v", accept_channels(listener, 4, "qemu-10", 5)))
+    t.start()
+    socks = _connect_in_order(listener.address, order)
+    t.join(5)
+    dmain, dchans = result["v"]  # type: ignore[misc]
+    assert recv_exactly(dmain, 8) == _hello("main", 0)
+    # Multifd sockets come back in accept order; the peeked bytes are still there.
+    got = [bytes(recv_exactly(c, 8)) for c in dchans]
+    assert got == [_hello("multifd", i) for i in (2, 0, 3, 1)]
+    for c in [dmain, *dchans]:
+        assert c.gettimeout() is None  # blocking again
+    for s in [*socks, dmain, *dchans]:
+        s.close()
+
+
+def test_qemu10_slow_channel_does_not_block_others(listener: Listener) -> None:
+    result: dict[str, object] = {}
+    t = threading.Thread(
+        target=lambda: result.setdefault("v", accept_channels(listener, 2, "qemu-10", 5)))
+    t.start()
+    addr = listener.address
+    slow = connect(addr, 5)  # connected first, says its magic last, in two pieces
+    others = _connect_in_order(addr, [("main", 0), ("multifd", 1)])
+    slow.sendall(MFD[:2])
+    time.sleep(0.05)
+    slow.sendall(MFD[2:] + struct.pack(">I", 7))
+    t.join(5)
+    dmain, dchans = result["v"]  # type: ignore[misc]
+    assert recv_exactly(dmain, 4) == QEVM
+    assert [bytes(recv_exactly(c, 8)) for c in dchans] == [_hello("multifd", 7),
+                                                          _hello("multifd", 1)]
+    for s in [slow, *others, dmain, *dchans]:
+        s.close()
+
+
+def test_qemu10_garbage_first_bytes(listener: Listener) -> None:
+    socks = _connect_in_order(listener.address, [("main", 0)])
+    bad = connect(listener.address, 5)
+    bad.sendall(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(ChannelError, match=r"47 45 54 20"):
+        accept_channels(listener, 2, "qemu-10", timeout=5)
+    for s in [*socks, bad]:
+        s.close()
+
+
+def test_qemu10_eof_before_magic(listener: Listener) -> None:
+    s = connect(listener.address, 5)
+    s.sendall(b"QE")
+    s.close()
+    with pytest.raises(ChannelError, match="closed after sending only 2 bytes"):
+        accept_channels(listener, 1, "qemu-10", timeout=5)
+
+
+def test_qemu10_eof_without_bytes(listener: Listener) -> None:
+    connect(listener.address, 5).close()
+    with pytest.raises(ChannelError, match="closed before sending its first 4 bytes"):
+        accept_channels(listener, 1, "qemu-10", timeout=5)
+
+
+def test_qemu10_extra_connections_refused(listener: Listener, caplog) -> None:
+    order = [("main", 0), ("main", 1), ("multifd", 0), ("multifd", 1), ("multifd", 2)]
+    socks = _connect_in_order(listener.address, order)
+    with caplog.at_level(logging.ERROR, logger="multifd.transport.channels"):
+        dmain, dchans = accept_channels(listener, 2, "qemu-10", timeout=5)
+    assert recv_exactly(dmain, 8) == _hello("main", 0)
+    assert [bytes(recv_exactly(c, 8)) for c in dchans] == [_hello("multifd", 0),
+                                                          _hello("multifd", 1)]
+    assert "second main channel" in caplog.text
+    _assert_closed(socks[1])  # the refused one sees EOF (or a reset: its bytes went unread)
+    for s in [*socks, dmain, *dchans]:
+        s.close()
+
+
+def test_qemu72_extra_queued_connections_refused(listener: Listener, caplog) -> None:
+    socks = [connect(listener.address, 5) for _ in range(4)]
+    time.sleep(0.05)
+    with caplog.at_level(logging.ERROR, logger="multifd.transport.channels"):
+        dmain, dchans = accept_channels(listener, 2, "qemu-7.2", timeout=5)
+    assert len(dchans) == 2
+    assert "refusing incoming migration connection" in caplog.text
+    _assert_closed(socks[3])
+    for s in [*socks, dmain, *dchans]:
+        s.close()
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+def test_timeout_names_counts(listener: Listener, profile: str) -> None:
+    socks = _connect_in_order(listener.address, [("main", 0), ("multifd", 0)])
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"expected 3 multifd channels, got 1 after 0.3 s"):
+        accept_channels(listener, 3, profile, timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+def test_timeout_without_main(listener: Listener, profile: str) -> None:
+    with pytest.raises(TimeoutError, match=r"no main migration channel after 0\.2 s"):
+        accept_channels(listener, 2, profile, timeout=0.2)
+
+
+def test_qemu10_silent_connection_times_out(listener: Listener) -> None:
+    silent = connect(listener.address, 5)  # never sends its magic
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        accept_channels(listener, 1, "qemu-10", timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    silent.close()
+
+
+def test_no_multifd_channels_takes_first_as_main(listener: Listener) -> None:
+    s = connect(listener.address, 5)  # no peek without multifd, even in qemu-10
+    dmain, dchans = accept_channels(listener, 0, "qemu-10", timeout=5)
+    assert dchans == []
+    s.sendall(b"xyz")
+    assert recv_exactly(dmain, 3) == b"xyz"
+    s.close()
+    dmain.close()
+
+
+def test_connect_channels_main_is_accepted_first(listener: Listener) -> None:
+    main, chans = connect_channels(listener.address, 2, "qemu-10", timeout=5)
+    first = listener.accept(2)
+    main.sendall(b"M")
+    assert recv_exactly(first, 1) == b"M"
+    for s in [main, *chans, first]:
+        s.close()
+
+
+def test_connect_channels_failure_closes_everything() -> None:
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        addr = lst.address
+    with pytest.raises(ConnectionError):
+        connect_channels(addr, 2, "qemu-7.2", timeout=1)
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(ValueError, match="unknown profile 'qemu-9'"):
+        connect_channels(TcpAddress("127.0.0.1", 1), 1, "qemu-9", timeout=1)
+
+
+def test_profile_object_accepted(listener: Listener) -> None:
+    from multifd.migration.profile import QEMU_10
+
+    socks = _connect_in_order(listener.address, [("multifd", 0), ("main", 0)])
+    dmain, dchans = accept_channels(listener, 1, QEMU_10, timeout=5)
+    assert recv_exactly(dmain, 4) == QEVM
+    for s in [*socks, dmain, *dchans]:
+        s.close()
