@@ -66,7 +66,9 @@ def test_runs_command_with_its_arguments(monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == {"ram": "2G", "command": "demo"}
 
 
-def test_missing_module(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_module(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "multifd.commands.replay", None)  # import -> not found
     assert cli.main(["replay", "x"]) == 1
     assert capsys.readouterr().err.strip() == (

@@ -52,6 +52,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20000,
                    help="workload steps in total (the destination runs the rest)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device-state", type=parse_size, default=0, metavar="SIZE",
+                   help="add a device with SIZE of state, part of it changing (0 = none)")
+    p.add_argument("--device-state-via", choices=("multifd", "main"), default="multifd",
+                   help="device state over the multifd channels or the main stream")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--role", choices=("source", "destination"), help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
@@ -84,7 +88,9 @@ def _destination(args: argparse.Namespace) -> int:
     from multifd.migration.profile import get_profile
 
     params, caps = _params(args)
-    machine = build_demo_machine(args.ram, seed=args.seed, populate=False)
+    machine = build_demo_machine(args.ram, seed=args.seed, populate=False,
+                                 device_state_size=args.device_state,
+                                 device_state_via_multifd=args.device_state_via == "multifd")
     machine.set_incoming()
     dest = MigrationDestination(machine, params=params, caps=caps,
                                 profile=get_profile(args.profile))
@@ -92,7 +98,8 @@ def _destination(args: argparse.Namespace) -> int:
     _emit({"event": "listening", "uri": uri})
     status = dest.wait()
     result: dict[str, Any] = {"event": "result", "status": str(status), "error": dest.error,
-                              "resume_wall": dest.resume_wall, "query": dest.query()}
+                              "resume_wall": dest.resume_wall, "query": dest.query(),
+                              **dest.device_state_stats()}
     if str(status) == "completed":
         DemoWorkload(machine).run_to_completion()
         result["checksum"] = machine.checksum()
@@ -109,7 +116,9 @@ def _source(args: argparse.Namespace) -> int:
     from multifd.migration.source import MigrationSource
 
     params, caps = _params(args)
-    machine = build_demo_machine(args.ram, seed=args.seed, total_steps=args.steps)
+    machine = build_demo_machine(args.ram, seed=args.seed, total_steps=args.steps,
+                                 device_state_size=args.device_state,
+                                 device_state_via_multifd=args.device_state_via == "multifd")
     machine.start()
     workload = DemoWorkload(machine, dirty_rate_mib_s=args.dirty_rate)
     workload.run_in_thread()
@@ -126,7 +135,7 @@ def _source(args: argparse.Namespace) -> int:
     workload.stop(timeout=10)
     _emit({"event": "result", "status": str(st), "error": src.error, "query": src.query(),
            "pause_wall": src.pause_wall, "downtime_ms": src.downtime_ms,
-           "channels": src.channel_stats()})
+           "channels": src.channel_stats(), **src.device_state_stats()})
     machine.close()
     return 0 if str(st) == "completed" else 1
 
@@ -138,7 +147,8 @@ def _child(args: argparse.Namespace, role: str, uri: str | None = None) -> subpr
            "--compression", args.compression, "--profile", args.profile,
            "--dirty-rate", str(args.dirty_rate), "--downtime-limit", str(args.downtime_limit),
            "--max-bandwidth", str(args.max_bandwidth), "--steps", str(args.steps),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--device-state", str(args.device_state),
+           "--device-state-via", args.device_state_via]
     if uri:
         cmd += ["--uri", uri]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -207,7 +217,8 @@ def _parent(args: argparse.Namespace) -> int:
     if s_res is None or d_res is None:
         print("error: a demo process died without a result", file=sys.stderr)
         return 1
-    expected = expected_checksum(args.ram, args.seed, args.steps) \
+    expected = expected_checksum(args.ram, args.seed, args.steps,
+                                 device_state_size=args.device_state) \
         if d_res.get("checksum") else None
     report = _report(args, s_res, d_res, expected, wall_ms)
     if args.json:
@@ -242,6 +253,15 @@ def _report(args: argparse.Namespace, s: dict[str, Any], d: dict[str, Any],
         "ram": ram,
         "wire_bytes": q.get("wire-bytes", ram.get("transferred")),
         "channel_stats": s.get("channels", []),
+        "device_state_size": args.device_state,
+        "device_state_via": args.device_state_via,
+        "device_state_bytes": s.get("device_state_bytes", 0),
+        "device_state_buffers": s.get("device_state_buffers", 0),
+        "switchover_ms": downtime_ms,  # source pause -> destination resume
+        "channel_bytes": [
+            {"channel": i, "ram": c.get("wire_bytes_ram", 0),
+             "device_state": c.get("wire_bytes_device_state", 0)}
+            for i, c in enumerate(s.get("channels", []))],
         "verified": expected is not None and d.get("checksum") == expected,
         "checksum_expected": expected,
         "checksum_destination": d.get("checksum"),
@@ -271,6 +291,17 @@ def _print_report(r: dict[str, Any]) -> None:
                                      f"{_human(r['wire_bytes'] or 0)}"),
         ("verified", "yes" if r["verified"] else "no"),
     ]
+    if r.get("device_state_size"):
+        rows[-1:-1] = [
+            ("device state (via)", f"{_human(r['device_state_size'])} "
+                                   f"({r['device_state_via']})"),
+            ("device state over multifd", f"{_human(r['device_state_bytes'])} in "
+                                          f"{r['device_state_buffers']} buffers"),
+            ("switchover (pause to resume)", f"{r['switchover_ms']} ms"),
+        ]
+    for c in r.get("channel_bytes", []):
+        rows.insert(-1, (f"channel {c['channel']}: RAM / device state",
+                         f"{_human(c['ram'])} / {_human(c['device_state'])}"))
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)

@@ -28,6 +28,7 @@ from typing import Any
 
 from multifd.machine.device import Device
 from multifd.machine.machine import Machine
+from multifd.migration.device_state import DeviceStateLoader, multifd_device_state_supported
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
 from multifd.migration.sections import GLOBALSTATE_BODY, GLOBALSTATE_IDSTR, decode_globalstate
@@ -106,6 +107,12 @@ class MigrationDestination:
             (d.idstr, d.instance_id): d for d in machine.devices
         }
         self._section_dev: dict[int, Device] = {}
+        self._devstate = DeviceStateLoader(
+            machine.devices,
+            enabled=multifd_device_state_supported(
+                profile, bool(self.caps.get("multifd")), self.params.multifd_compression),
+            on_error=self._shutdown,
+        )
 
     # -- public ---------------------------------------------------------------------------
     def listen(self, uri: str) -> str:
@@ -170,12 +177,13 @@ class MigrationDestination:
             self.t_end = time.monotonic()
             if self._cancelled.is_set():
                 self.error = "migration cancelled on the destination"
-            else:
-                self.error = str(exc) or type(exc).__name__
+            else:  # a device-state failure stops the channels: report it, not the fallout
+                self.error = self._devstate.error or str(exc) or type(exc).__name__
             self._shutdown(self.error)
             self.status.fail(self.error)
             self._emit("MIGRATION", {"status": "failed"})
         finally:
+            self._devstate.close()  # joins the load workers on every path
             if self._listener is not None:
                 self._listener.close()
             if self._main is not None:
@@ -345,18 +353,35 @@ class MigrationDestination:
             dev.load_state(rec.data, hdr.version_id)
         elif kind == SectionType.START:
             dev.load_setup(rec.data)
+            self._devstate.setup_loaded(dev)
         else:
             dev.load_iterate(rec.data)
 
-    def _device_state_buffer(self, idstr: str, instance_id: int, data: bytes) -> None:
-        raise Mismatch("device-state packet for a device that does not take them",
-                       field="idstr", value=f"{idstr}/{instance_id}")
+    def _device_state_buffer(self, idstr: str, instance_id: int, data: bytearray) -> None:
+        self._devstate.sink(idstr, instance_id, data)
 
     def _switchover_start(self) -> None:
         """MIG_CMD_SWITCHOVER_START: the point where device load jobs may begin."""
+        self._devstate.switchover_start()
 
     def _finish_devices(self) -> None:
         """After EOF: every device load has finished before the machine may run."""
+        rcv = self.receiver
+
+        def channels_done() -> bool:  # source closed every channel: nothing more comes
+            if rcv is None:
+                return True
+            if rcv.error is not None:
+                raise rcv.error
+            return all(ch.ended for ch in rcv._chans.values())
+
+        self._devstate.finish(channels_done)
+
+    def device_state_stats(self) -> dict[str, int]:
+        """Device state received as multifd buffers (bytes without headers, buffers)."""
+        st = self._devstate.stats.values()
+        return {"device_state_bytes": sum(s.bytes for s in st),
+                "device_state_buffers": sum(s.buffers for s in st)}
 
     # -- helpers --------------------------------------------------------------------------
     def _set_status(self, st: MigrationStatus) -> None:
@@ -371,6 +396,7 @@ class MigrationDestination:
                 pass
 
     def _shutdown(self, why: str) -> None:
+        self._devstate.abort(why)
         if self.receiver is not None:
             self.receiver.abort(why)
         main = self._main

@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     from multifd.multifd.sender import Sender
 
 MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
+_WINDOW = 8192  # pages taken from todo at a time (64 packets)
+
+
+def _zero_pages(block: RamBlock, pages: np.ndarray) -> np.ndarray:
+    """Zero mask over `pages`: one word per page first (random data ends there), then a
+    full scan of the pages whose first word is zero (like QEMU's buffer_is_zero)."""
+    if pages.size == 0:
+        return np.zeros(0, dtype=bool)
+    zero = block.words[pages, 0] == 0
+    cand = np.flatnonzero(zero)
+    if cand.size:
+        zero[cand] = block.zero_pages(pages[cand])
+    return zero
 
 
 class RamCounters:
@@ -59,6 +72,8 @@ class RamSaveHandler:
         main: MainStreamWriter,
         profile: Profile,
         sender: Sender | None,
+        *,
+        fresh_destination: bool = True,
     ) -> None:
         self.machine = machine
         self.main = main
@@ -66,6 +81,14 @@ class RamSaveHandler:
         self.sender = sender
         self.blocks: list[RamBlock] = list(machine.blocks.values())
         self.todo = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
+        # Pages the destination holds a copy of. A zero page never sent needs no transfer:
+        # the destination's RAM starts zeroed (QEMU's destination assumes the same when it
+        # skips zero pages it never received, multifd_recv_zero_page_process).
+        self.sent = (
+            [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
+            if fresh_destination
+            else None
+        )
         self.todo_count = 0
         self.cursor_block = 0
         self.cursor_page = 0
@@ -128,14 +151,15 @@ class RamSaveHandler:
             idx = np.flatnonzero(todo[self.cursor_page :])
             if idx.size:
                 idx += self.cursor_page
-            pos = 0
-            while pos < idx.size:
-                chunk = idx[pos : pos + self.batch]
-                pos += chunk.size
-                todo[chunk] = False
-                self.todo_count -= int(chunk.size)
-                self._send_pages(block, chunk)
-                self.cursor_page = int(chunk[-1]) + 1
+            for win in range(0, idx.size, _WINDOW):
+                pages = idx[win : win + _WINDOW]
+                todo[pages] = False
+                self.todo_count -= int(pages.size)
+                last = int(pages[-1]) + 1
+                pages = self._drop_unsent_zero(self.cursor_block, block, pages)
+                for pos in range(0, pages.size, self.batch):
+                    self._send_pages(block, pages[pos : pos + self.batch])
+                self.cursor_page = last
                 if deadline is not None and time.monotonic() > deadline:
                     return False
             self.cursor_block += 1
@@ -146,6 +170,25 @@ class RamSaveHandler:
         if self.sender is not None and not self.profile.sync_per_section:
             self._multifd_sync()
         return self.todo_count == 0
+
+    def _drop_unsent_zero(self, i: int, block: RamBlock, pages: np.ndarray) -> np.ndarray:
+        """Filter out zero pages the destination never received; mark the rest sent."""
+        if self.sent is None:
+            return pages
+        sent = self.sent[i]
+        fresh = ~sent[pages]
+        if not fresh.any():
+            return pages
+        cand = pages[fresh]
+        zero = _zero_pages(block, cand)
+        nz = int(np.count_nonzero(zero))
+        sent[cand[~zero]] = True
+        if nz == 0:
+            return pages
+        self.counters.duplicate += nz
+        keep = np.ones(pages.size, dtype=bool)
+        keep[np.flatnonzero(fresh)[zero]] = False
+        return pages[keep]
 
     def _send_pages(self, block: RamBlock, pages: np.ndarray) -> None:
         ps = block.page_size

@@ -63,11 +63,17 @@ def vmdesc_entry(
 class DeviceSaveHandler:
     """Writes one device's sections: START/PART/END when live, FULL otherwise."""
 
-    def __init__(self, device: Device, section_id: int, main: MainStreamWriter) -> None:
+    def __init__(
+        self, device: Device, section_id: int, main: MainStreamWriter, *,
+        multifd_state: bool = False,
+    ) -> None:
         self.device = device
         self.section_id = section_id
         self.main = main
         self.live = device.is_live()
+        # Bulk state goes as multifd buffers (migration/device_state.py); the main stream
+        # then carries only START (setup) and an empty END, like VFIO's dummy end-of-state.
+        self.multifd_state = multifd_state
         self.done = not self.live
         self.full_size: int | None = None
 
@@ -91,6 +97,11 @@ class DeviceSaveHandler:
 
     def iterate(self, final: bool) -> None:
         if not self.live or self.done or (not final and self.device.pending() == 0):
+            return
+        if self.multifd_state:
+            if final:
+                self._section(SectionType.END, b"", named=False)
+                self.done = True
             return
         data, done = self.device.save_iterate(final)
         if final and done:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from multifd.machine.machine import Machine
+from multifd.migration.device_state import DeviceStateSaver, multifd_device_state_supported
 from multifd.migration.mainstream import MainStreamWriter
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
@@ -156,6 +157,13 @@ class MigrationSource:
     def channel_stats(self) -> list[dict[str, int]]:
         return self._sender.channel_stats() if self._sender is not None else []
 
+    def device_state_stats(self) -> dict[str, int]:
+        """Device state sent as multifd buffers: bytes (without headers) and buffers."""
+        ds = getattr(self, "_devstate", None)
+        if ds is None:
+            return {"device_state_bytes": 0, "device_state_buffers": 0}
+        return {"device_state_bytes": ds.total_bytes, "device_state_buffers": ds.total_buffers}
+
     # -- the migration thread -------------------------------------------------------------
     def _run(self, addr: Any) -> None:
         was_running = self.machine.is_running
@@ -254,9 +262,17 @@ class MigrationSource:
         self._ram = RamSaveHandler(self.machine, main, self.profile, self._sender)
         self._ram_section = section_id
         self._devices: list[DeviceSaveHandler] = []
+        via_multifd = self._sender is not None and multifd_device_state_supported(
+            self.profile, True, self.params.multifd_compression)
+        mfd_devs = [d for d in self.machine.devices if via_multifd and d.uses_multifd_state()]
         for dev in self.machine.devices:
             section_id += 1
-            self._devices.append(DeviceSaveHandler(dev, section_id, main))
+            self._devices.append(DeviceSaveHandler(dev, section_id, main,
+                                                   multifd_state=dev in mfd_devs))
+        self._devstate: DeviceStateSaver | None = None
+        if mfd_devs and self._sender is not None:
+            self._devstate = DeviceStateSaver(mfd_devs, self._sender)
+            self._closers.append(self._devstate.close)
         self._global_section = section_id + 1
         # ram START
         main.write(encode_record(SectionHeader(
@@ -279,6 +295,8 @@ class MigrationSource:
             main.write(encode_record(SectionFooter(self._ram_section)))
             for h in self._devices:
                 h.iterate(final=False)
+            if self._devstate is not None:  # after RAM's SYNC of this pass, joined here
+                self._devstate.iterate_live()
             main.flush()
             self._meter.update(self._transferred())
             bw = self._meter.bytes_per_ms()  # bytes/ms over the last >= 100 ms window
@@ -331,10 +349,14 @@ class MigrationSource:
         main.write(encode_record(SectionHeader(SectionType.END, self._ram_section)))
         self._ram.save_complete()
         main.write(encode_record(SectionFooter(self._ram_section)))
+        if self._devstate is not None:  # after RAM END (its last SYNC): jobs run at once
+            self._devstate.start_final()
         for h in self._devices:
             h.complete()
         for h in self._devices:
             h.save_full()
+        if self._devstate is not None:
+            self._devstate.wait()
         main.write(encode_record(SectionHeader(
             SectionType.FULL, self._global_section, GLOBALSTATE_IDSTR, 0, 1)))
         main.write(encode_globalstate("running"))

@@ -38,7 +38,6 @@ from multifd.wire.errors import (
     BadName,
     BadOffset,
     BadRecordType,
-    UnsupportedVersion,
 )
 
 if TYPE_CHECKING:
@@ -137,14 +136,14 @@ class RamSettings:
             raise ValueError(f"page_size must be a power of two >= 1024, not {ps}")
 
 
-_PAGE_KINDS = {
-    RamFlag.ZERO: RamZero,
-    RamFlag.PAGE: RamPage,
-    RamFlag.XBZRLE: RamXbzrle,
-    RamFlag.COMPRESS_PAGE: RamCompressedPage,
+_PAGE_KINDS: dict[int, type] = {
+    int(RamFlag.ZERO): RamZero,
+    int(RamFlag.PAGE): RamPage,
+    int(RamFlag.XBZRLE): RamXbzrle,
+    int(RamFlag.COMPRESS_PAGE): RamCompressedPage,
 }
 _KIND_FLAG: dict[type, int] = {cls: int(flag) for flag, cls in _PAGE_KINDS.items()}
-_KNOWN_FLAGS = (
+_KNOWN_FLAGS = int(
     RamFlag.ZERO
     | RamFlag.MEM_SIZE
     | RamFlag.PAGE
@@ -154,6 +153,10 @@ _KNOWN_FLAGS = (
     | RamFlag.COMPRESS_PAGE
     | RamFlag.MULTIFD_FLUSH
 )
+_CONT = int(RamFlag.CONTINUE)
+_MEM_SIZE = int(RamFlag.MEM_SIZE)
+_EOS = int(RamFlag.EOS)
+_FLUSH = int(RamFlag.MULTIFD_FLUSH)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -243,7 +246,9 @@ class RamRecordWriter:
     def zero(self, block: str, offset: int, fill: int = 0) -> bytes:
         return self._head(block, offset, RamFlag.ZERO) + bytes((fill & 0xFF,))
 
-    def page_iov(self, block: str, offset: int, data: bytes | memoryview) -> list[bytes | memoryview]:
+    def page_iov(
+        self, block: str, offset: int, data: bytes | memoryview
+    ) -> list[bytes | memoryview]:
         """Header and the page as separate buffers, for a gathered sendmsg."""
         if len(data) != self.settings.page_size:
             raise BadLength("PAGE data must be one page", field="len", value=len(data))
@@ -323,19 +328,19 @@ class RamRecordReader:
         if flags & ~_KNOWN_FLAGS:
             raise BadRecordType("Unknown combination of migration flags", field="flags",
                                 value=flags, offset=at)
-        cont = bool(flags & RamFlag.CONTINUE)
-        kind = flags & ~RamFlag.CONTINUE
-        if kind == RamFlag.MEM_SIZE and not cont:
+        cont = bool(flags & _CONT)
+        kind = flags & ~_CONT
+        if kind == _MEM_SIZE and not cont:
             return self._start_mem_size(addr, at)
-        if kind in (RamFlag.EOS, RamFlag.MULTIFD_FLUSH) and not cont:
-            if kind == RamFlag.MULTIFD_FLUSH and not s.allow_multifd_flush:
+        if kind in (_EOS, _FLUSH) and not cont:
+            if kind == _FLUSH and not s.allow_multifd_flush:
                 raise BadRecordType("Unknown combination of migration flags", field="flags",
                                     value=flags, offset=at)
             if addr:
                 raise BadOffset("EOS/FLUSH word carries an offset", field="offset",
                                 value=addr, offset=at)
-            return RamEos() if kind == RamFlag.EOS else RamMultifdFlush()
-        cls = _PAGE_KINDS.get(RamFlag(kind)) if kind else None
+            return RamEos() if kind == _EOS else RamMultifdFlush()
+        cls = _PAGE_KINDS.get(kind)
         if cls is None or (cls is RamCompressedPage and not s.allow_compress_page):
             raise BadRecordType("Unknown combination of migration flags", field="flags",
                                 value=flags, offset=at)
@@ -463,10 +468,6 @@ def _decode_mapped_ram(raw: bytes, at: int) -> MappedRamHeader:
     from multifd.wire.mapped_ram import MappedRamHeader
 
     try:
-        hdr = MappedRamHeader.decode(raw)
+        return MappedRamHeader.decode(raw)  # validates version, page size, offsets
     except WireError as e:
         raise e.at(at) from None
-    if getattr(hdr, "version", 1) > 1:
-        raise UnsupportedVersion("mapped-ram header version", field="version",
-                                 value=hdr.version, offset=at)
-    return hdr

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from multifd.wire.constants import SectionType
-from multifd.wire.errors import BadLength, BadName, Mismatch, Truncated, WireError
+from multifd.wire.errors import BadLength, BadName, Mismatch, WireError
 
 __all__ = [
     "DeviceSection",
@@ -156,8 +156,8 @@ def split_device_tail(
         while True:
             f = tail.find(footer, search, limit)
             if f < 0:
-                raise Truncated("device tail: section footer not found", field="idstr",
-                                value=idstr, offset=base_offset + pos)
+                raise Mismatch("device tail: no footer followed by the vmdesc's next section",
+                               field="idstr", value=idstr, offset=base_offset + pos)
             nxt = f + 5
             if rest:
                 ok = tail[nxt : nxt + 1] == lead and tail[nxt + 5 : nxt + 5 + len(rest)] == rest

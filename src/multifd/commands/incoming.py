@@ -1,0 +1,70 @@
+"""`multifd incoming URI --profile P [--channels N] [--compression C] [--uuid U] --save IMAGE`.
+
+Be the destination of a real QEMU migration and save what arrived as IMAGE, a QEMU stream
+file (`qemu -incoming "exec:cat IMAGE"` loads it; `multifd migrate` replays it).
+Exit codes: 0 ok, 1 error (one stderr line `error: ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from multifd.migration.profile import PROFILES, get_profile
+from multifd.qemu.peer import DEFAULT_TIMEOUT_S, PeerError, parse_uuid, receive_from_qemu
+
+UUID_HELP = ("UUID the multifd init packets must carry (QEMU sends its -uuid). Default: the "
+             "uuid subsection of the stream's configuration when present, else all zeros "
+             "(a QEMU started without -uuid)")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `incoming` and `migrate`."""
+    parser.add_argument("--profile", required=True, choices=sorted(PROFILES),
+                        help="the QEMU peer's wire profile (qemu-7.2, or qemu-10 with a 10.x "
+                             "machine type)")
+    parser.add_argument("--channels", type=int, default=0, metavar="N",
+                        help="multifd channels, as QEMU's multifd-channels (0 = multifd off, "
+                             "the default)")
+    parser.add_argument("--compression", default="none", choices=("none", "zlib", "zstd"),
+                        help="multifd compression, as QEMU's multifd-compression")
+    parser.add_argument("--uuid", default=None, help=UUID_HELP)
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help=f"bound on every wait, seconds (default {DEFAULT_TIMEOUT_S:g})")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Receive a migration from a real QEMU and save it as IMAGE (a QEMU "
+                          "migration stream file).")
+    parser.add_argument("uri", metavar="URI", help="where to listen: tcp:HOST:PORT or "
+                        "unix:PATH (also exec:/file: with multifd off)")
+    parser.add_argument("--save", required=True, metavar="IMAGE", help="image file to write")
+    add_common(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        uuid = parse_uuid(args.uuid) if args.uuid else None
+        t0 = time.monotonic()
+        image, stats = receive_from_qemu(
+            args.uri, profile=get_profile(args.profile), channels=args.channels,
+            compression=args.compression, uuid=uuid, timeout=args.timeout)
+        with image:
+            from multifd.qemu.image import write_image
+
+            size = write_image(image, args.save)
+        total_ms = (time.monotonic() - t0) * 1000
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = stats.to_json()
+        out.update(image=args.save, image_bytes=size, total_ms=round(total_ms, 1))
+        print(json.dumps(out))
+    else:
+        print(f"received {stats.machine}: {stats.normal_pages} pages + {stats.zero_pages} zero "
+              f"pages in {stats.time_ms:.0f} ms; saved {args.save} ({size} bytes)")
+    return 0
