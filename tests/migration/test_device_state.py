@@ -146,7 +146,7 @@ def _shuffled_delivery(loader: DeviceStateLoader, items: list[tuple[str, int, by
         try:
             for it in part:
                 loader.sink(*it)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             errors.append(exc)
 
     ts = [threading.Thread(target=run, args=(items[i::threads],)) for i in range(threads)]
@@ -263,7 +263,7 @@ def test_abort_during_load_wakes_jobs_and_blocked_puts() -> None:
         try:
             for it in items[1:]:  # out of order beyond the cap: blocks
                 loader.sink(*it)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=put_all)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -84,7 +85,9 @@ def test_greeting_and_negotiation(served: tuple[QmpServer, str]) -> None:
 
 
 @pytest.mark.parametrize(("line", "desc"), [
-    (b"{not json\n", "JSON parse error"),
+    (b"{not json}\n", "JSON parse error"),
+    (b'{"execute": }', "JSON parse error"),
+    (b"17\n", "QMP input must be a JSON object"),
     (b"[1, 2]\n", "QMP input must be a JSON object"),
     (b'{"arguments": {}}\n', "QMP input lacks member 'execute'"),
     (b'{"execute": 5}\n', "QMP input member 'execute' must be a string"),
@@ -131,6 +134,23 @@ def test_query_commands_and_version(qmp: QEMUMonitorProtocol) -> None:
             "query-migrate-parameters", "stop", "cont", "quit", "x-query-checksum"} <= names
     v = qmp.cmd("query-version")
     assert v["qemu"] == {"major": 7, "minor": 2, "micro": 0}  # type: ignore[index]
+
+
+def test_stream_without_newlines(served: tuple[QmpServer, str]) -> None:
+    raw = RawClient(served[1])
+    try:
+        raw.recv()
+        # no newlines, two messages in one write, one split across writes, a brace in a string
+        raw.send_raw(b'{"execute": "qmp_capabilities"}{"execute": "query-version", "id": "a}"}'
+                     b'  {"execute": "query-st')
+        assert raw.recv() == {"return": {}}
+        assert raw.recv()["id"] == "a}"
+        time.sleep(0.05)
+        raw.send_raw(b'atus", "id": ["\\"", 2]}')
+        assert raw.recv() == {"return": {"status": "prelaunch", "running": False,
+                                         "singlestep": False}, "id": ['"', 2]}
+    finally:
+        raw.close()
 
 
 # -- parameters and capabilities ---------------------------------------------------------------
@@ -224,7 +244,8 @@ def test_tcp_listener_and_close_leaves_no_threads(machine: Machine, sockdir: Pat
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
     for c in clients:
-        c.close()
+        with contextlib.suppress(EOFError):  # the server went away first
+            c.close()
 
 
 def test_quit(served: tuple[QmpServer, str], qmp: QEMUMonitorProtocol) -> None:

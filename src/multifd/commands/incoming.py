@@ -45,13 +45,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
 
 
+def _listening(address: str) -> None:
+    print(f"listening on {address}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         uuid = parse_uuid(args.uuid) if args.uuid else None
         t0 = time.monotonic()
         image, stats = receive_from_qemu(
             args.uri, profile=get_profile(args.profile), channels=args.channels,
-            compression=args.compression, uuid=uuid, timeout=args.timeout)
+            compression=args.compression, uuid=uuid, timeout=args.timeout,
+            on_listen=_listening)
         with image:
             from multifd.qemu.image import write_image
 

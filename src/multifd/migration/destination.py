@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from multifd.machine.device import Device
 from multifd.machine.machine import Machine
 from multifd.migration.device_state import DeviceStateLoader, multifd_device_state_supported
@@ -50,6 +52,7 @@ from multifd.wire.ram import (
     RamPage,
     RamSettings,
     RamZero,
+    RamZeroRun,
 )
 from multifd.wire.stream import (
     LENGTH_PREFIXED,
@@ -154,6 +157,7 @@ class MigrationDestination:
             self.stats,
             total_time_ms=int((end - self.t_start) * 1000) if self.t_start else 0,
             error=self.error,
+            role="destination",
         )
 
     _main_normal = 0
@@ -233,6 +237,7 @@ class MigrationDestination:
         ram = RamSettings(
             page_size=self._page_size(),
             allow_multifd_flush=self.profile.allow_multifd_flush,
+            batch_zero_runs=True,
         )
         return MainStreamDecoder(
             ram=ram,
@@ -275,6 +280,13 @@ class MigrationDestination:
             blk = blocks[rec.block]
             blk.pages[rec.offset // blk.page_size] = rec.fill
             self._main_zero += 1
+        elif isinstance(rec, RamZeroRun):
+            blk = blocks[rec.block]
+            idx = (rec.offsets // blk.page_size).astype(np.int64)
+            dirty = idx[blk.words[idx].any(axis=1)]  # untouched pages stay untouched
+            if dirty.size:
+                blk.pages[dirty] = 0
+            self._main_zero += int(idx.size)
         elif isinstance(rec, RamPage):
             blk = blocks[rec.block]
             blk.view[rec.offset : rec.offset + blk.page_size] = rec.data

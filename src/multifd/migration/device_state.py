@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 from multifd.machine.device import Device, DeviceStateError, StateBufferQueue
 from multifd.machine.workers import Aborted, WorkerError, WorkerPool
-from multifd.multifd.device_state import DeviceStatePayload
+from multifd.multifd.device_state import DeviceStatePayload, DeviceStateSendOps
+from multifd.multifd.slots import SendChannelContext, register_send_ops
 from multifd.wire.constants import DEVICE_STATE_FLAG_CONFIG_STATE
 from multifd.wire.devstate import DeviceStateBufferHeader
 from multifd.wire.errors import WireError
+from multifd.wire.packet import encode_device_state_header
 
 if TYPE_CHECKING:
     from multifd.multifd.sender import Sender
@@ -80,6 +82,44 @@ class DeviceTransferStats:
 class _SaveState:
     device: Device
     stats: DeviceTransferStats = field(default_factory=DeviceTransferStats)
+
+
+class IndexedStatePayload(DeviceStatePayload):
+    """A device-state packet whose payload is [12-byte buffer header, device buffer], sent
+    by one gather `sendmsg` so the (large) device buffer is never copied to prepend 12 bytes.
+    Same wire packet as `DeviceStatePayload` (flag 0x40); only the send side differs."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = b""
+
+    @classmethod
+    def new_for_slot(cls, page_size: int) -> IndexedStatePayload:
+        return cls()
+
+    def fill_indexed(self, idstr: str, instance_id: int, prefix: bytes, data: Any) -> None:
+        self.fill(idstr, instance_id, data)
+        self.prefix = prefix
+
+
+class _IndexedStateSendOps(DeviceStateSendOps):
+    payload_type = IndexedStatePayload
+
+    def logical_bytes(self, payload: IndexedStatePayload) -> int:  # type: ignore[override]
+        return len(payload.prefix) + memoryview(payload.buffer).nbytes
+
+    def prepare(  # type: ignore[override]
+        self, payload: IndexedStatePayload, ch: SendChannelContext
+    ) -> list[Any]:
+        n = len(payload.prefix) + memoryview(payload.buffer).nbytes
+        header = encode_device_state_header(payload.idstr, payload.instance_id, n)
+        ch.stats.add("device_state_buffers", 1)
+        return [header, payload.prefix, payload.buffer]
+
+
+register_send_ops(_IndexedStateSendOps())
 
 
 class DeviceStateSaver:
@@ -180,11 +220,8 @@ class DeviceStateSaver:
         dev, stats = st.device, st.stats
         n = memoryview(buf).nbytes
         flags = DEVICE_STATE_FLAG_CONFIG_STATE if config else 0
-        # One contiguous packet payload (the slot holds a single buffer): header + data.
-        data = bytearray(_HDR + n)
-        data[:_HDR] = DeviceStateBufferHeader(stats.next_idx, flags).encode()
-        memoryview(data)[_HDR:] = memoryview(buf).cast("B")
-        slot.payload(DeviceStatePayload).fill(dev.idstr, dev.instance_id, data)
+        hdr = DeviceStateBufferHeader(stats.next_idx, flags).encode()
+        slot.payload(IndexedStatePayload).fill_indexed(dev.idstr, dev.instance_id, hdr, buf)
         slot = self.sender.send(slot)
         stats.next_idx += 1
         stats.buffers += 1
@@ -284,7 +321,12 @@ class DeviceStateLoader:
                         self._fail("device state incomplete: " + self._missing())
         except WorkerError as exc:
             self._fail(f"device state load failed: {exc.job}: {exc.cause}")
-        self._raise_if_failed()
+        except BaseException:
+            self.close()
+            raise
+        if self.error is not None:
+            self.close()  # abort and join the workers before reporting
+            raise DeviceStateError(self.error)
         self.pool.close(timeout=30)
 
     def abort(self, reason: str = "aborted") -> None:

@@ -44,7 +44,11 @@ def decode_globalstate(body: bytes) -> str:
 
 
 def vmdesc_entry(
-    idstr: str, instance_id: int, version: int, size: int, fields: list[dict[str, Any]] | None = None
+    idstr: str,
+    instance_id: int,
+    version: int,
+    size: int,
+    fields: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One device of the VMDESCRIPTION JSON, in QEMU's shape."""
     return {

@@ -113,10 +113,10 @@ class MigrationSource:
             raise RuntimeError("a migration is already running from this source")
         addr = parse_uri(uri)  # bad URIs fail here, in the caller
         self.t_start = time.monotonic()
-        self.status.set(MigrationStatus.SETUP)
         self._thread = threading.Thread(
             target=self._run, args=(addr,), name="live_migration", daemon=True
         )
+        self._set_status(MigrationStatus.SETUP)
         self._thread.start()
 
     def cancel(self) -> None:
@@ -138,7 +138,7 @@ class MigrationSource:
         end = self.t_end or now
         total_ms = int((end - self.t_start) * 1000) if self.t_start else 0
         setup_ms = int((self.t_setup_done - self.t_start) * 1000) if self.t_setup_done else None
-        downtime_ms = int((self.t_end - self.t_pause) * 1000) if self.t_end and self.t_pause else None
+        downtime_ms = int(self.downtime_ms) if self.t_end and self.t_pause else None
         self._fill_ram_stats()
         return query_migrate(
             self.status.status,
@@ -169,7 +169,9 @@ class MigrationSource:
         was_running = self.machine.is_running
         paused_by_us = False
         try:
+            self._check_cancel()
             main = self._open(addr)
+            self._check_cancel()
             self._setup(main)
             self.t_setup_done = time.monotonic()
             self._set_status(MigrationStatus.ACTIVE)
@@ -200,6 +202,7 @@ class MigrationSource:
                     self._emit("MIGRATION", {"status": "failed"})
         finally:
             self._fill_ram_stats()
+            self._stats_frozen = True  # the machine may be closed after this
 
     def _open(self, addr: Any) -> MainStreamWriter:
         multifd = self.caps.get("multifd")
@@ -382,7 +385,11 @@ class MigrationSource:
         self._fill_ram_stats()
         return int(self.stats.transferred)
 
+    _stats_frozen = False
+
     def _fill_ram_stats(self) -> None:
+        if self._stats_frozen:
+            return
         s = self.stats
         if self._sender is not None:
             ch = _totals(self._sender.channel_stats())
@@ -409,7 +416,8 @@ class MigrationSource:
                 s.duplicate = c.duplicate + zero_mfd
             s.normal_bytes = s.normal * self._ram.page_size
             s.dirty_sync_count = c.dirty_sync_count
-            s.remaining = self._ram.pending_bytes() + self._ram.dirty_estimate_bytes()
+            s.remaining = (0 if self.status.is_final() else
+                           self._ram.pending_bytes() + self._ram.dirty_estimate_bytes())
         s.total = self.machine.total_ram()
         s.mbps = self._meter.mbps()
 

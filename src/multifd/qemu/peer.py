@@ -30,6 +30,7 @@ import contextlib
 import socket
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,10 +193,12 @@ class _Incoming:
             raise PeerError(_channel_hint(str(e), self.compression)) from None
         self.syncs += 1
 
-    def run(self, uri: str) -> VmImage:
+    def run(self, uri: str, on_listen: Callable[[str], None] | None) -> VmImage:
         addr = parse_uri(uri)
         if isinstance(addr, TcpAddress | UnixAddress):
             with Listener(addr) as listener:
+                if on_listen is not None:
+                    on_listen(str(listener.address))
                 if self.n:
                     self.main, self.chan_socks = accept_channels(
                         listener, self.n, self.profile.name, self.timeout)
@@ -244,20 +247,25 @@ def receive_from_qemu(
     compression: str = "none",
     uuid: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    on_listen: Callable[[str], None] | None = None,
 ) -> tuple[VmImage, TransferStats]:
     """Be the destination of a QEMU migration on `uri`; return the recorded image.
 
     `channels` 0 means multifd off; otherwise it, `compression` and the UUID (see the
-    module docstring) must match the source's settings. Listens (tcp:/unix:) or reads a
-    stream (exec:/file:/fd:, multifd off). Raises PeerError.
+    module docstring) must match the source's settings. Listens (tcp:/unix:; then calls
+    `on_listen(bound address)`) or reads a stream (exec:/file:/fd:, multifd off).
+    Raises PeerError.
     """
     _check_options(channels, compression)
     t0 = time.monotonic()
     inc = _Incoming(profile, channels, compression, uuid, timeout)
     try:
-        img = inc.run(uri)
+        img = inc.run(uri, on_listen)
     except WireError as e:
         inc.rec.close()
+        rx_err = inc.receiver.error if inc.receiver is not None else None
+        if rx_err is not None:  # a failed channel made the source give up: the root cause
+            raise PeerError(_channel_hint(str(rx_err), compression)) from None
         at = f" at byte {e.offset} of the main stream" if e.offset is not None else ""
         raise PeerError(f"{e.describe()}{at}") from None
     except (ChannelError, TimeoutError) as e:
@@ -288,6 +296,10 @@ def receive_from_qemu(
 
 
 # ----------------------------------------------------------------------------- migrate
+
+
+class _LoadTimeout(Exception):
+    """The destination kept the main channel open after we sent everything."""
 
 
 class _Outgoing:
@@ -355,7 +367,10 @@ class _Outgoing:
         main.write(section_close(img))
         if img.switchover_start:
             main.write(SWITCHOVER_START)
-        main.write(section_open(img, SectionType.END) + section_close(img))
+        main.write(section_open(img, SectionType.END))
+        if self.profile.sync_per_section:  # 7.2: every RAM EOS is a barrier
+            self._sync()
+        main.write(section_close(img))
         main.write(img.tail)
         main.flush()
 
@@ -410,9 +425,7 @@ class _Outgoing:
             try:
                 n = sock.recv_into(scratch)
             except TimeoutError:
-                raise PeerError(f"the destination did not finish loading within "
-                                f"{self.timeout:g} s (it keeps the main channel open)"
-                                ) from None
+                raise _LoadTimeout from None
             if n == 0:
                 return
 
@@ -461,6 +474,9 @@ def migrate_to_qemu(
         out.finish()
     except PeerError:
         raise
+    except _LoadTimeout:
+        raise PeerError(f"the destination did not finish loading within {timeout:g} s "
+                        f"after everything was sent{hint}") from None
     except TimeoutError:
         raise PeerError(f"the destination stopped reading for {timeout:g} s{hint}") from None
     except MultifdError as e:
@@ -473,7 +489,7 @@ def migrate_to_qemu(
         raise PeerError(f"the destination closed the connection ({e.strerror or e}){hint}"
                         ) from None
     except OSError as e:
-        raise PeerError(f"cannot migrate to {uri}: {e.strerror or e}") from None
+        raise PeerError(f"cannot migrate to {uri}: {e.strerror or e}{hint}") from None
     finally:
         stats_bytes = out.channel_bytes()
         out.close()

@@ -5,7 +5,7 @@ Speaks QEMU's QMP (docs/interop/qmp-spec) so unmodified clients (``qemu.qmp``) w
 * on connect the server sends ``{"QMP": {"version": ..., "capabilities": []}}``; until the
   client runs ``qmp_capabilities`` every other command fails with CommandNotFound
   ("Expecting capabilities negotiation with 'qmp_capabilities'") and no events are sent;
-* one JSON object per line in both directions (we send ``\\r\\n`` like QEMU); ``id`` is
+* a stream of JSON objects (we end each with ``\\r\\n`` like QEMU); ``id`` is
   echoed; success is ``{"return": ...}``, failure ``{"error": {"class", "desc"}}``;
 * events ``{"event", "data", "timestamp": {"seconds", "microseconds"}}`` go to every
   negotiated client.
@@ -42,6 +42,7 @@ __all__ = [
     "MAX_LINE",
     "MAX_QUEUED",
     "ArgSpec",
+    "JsonSplitter",
     "QmpCommand",
     "QmpError",
     "QmpServer",
@@ -206,6 +207,72 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
+class JsonSplitter:
+    """Cuts a byte stream into top-level JSON texts, as QEMU's streaming parser does.
+
+    Clients need not end a message with a newline (``qemu.qmp`` sends none): an object or
+    array ends where its brackets balance outside strings; anything else ends at a
+    newline. Scanning resumes where it stopped, so a long message is scanned once.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # next byte to scan
+        self._start = -1  # start of the current text, -1 between texts
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        buf, i, n = self._buf, self._pos, len(self._buf)
+        while i < n:
+            c = buf[i]
+            if self._start < 0:
+                if c in b" \t\r\n":
+                    i += 1
+                    continue
+                self._start = i
+                self._depth = 0
+            if self._depth == 0 and buf[self._start] not in b"{[":
+                nl = buf.find(b"\n", i)
+                if nl < 0:
+                    i = n
+                    break
+                out.append(bytes(buf[self._start:nl]))
+                self._start, i = -1, nl + 1
+                continue
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif c == 0x5C:  # backslash
+                    self._esc = True
+                elif c == 0x22:
+                    self._in_str = False
+            elif c == 0x22:
+                self._in_str = True
+            elif c in b"{[":
+                self._depth += 1
+            elif c in b"}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(bytes(buf[self._start:i + 1]))
+                    self._start = -1
+            i += 1
+        if self._start < 0:
+            del buf[:i]
+            self._pos = 0
+        else:
+            del buf[:self._start]
+            self._pos, self._start = i - self._start, 0
+        return out
+
+
 # -- one client -----------------------------------------------------------------------------
 class _Client:
     """One connection: a reader thread that dispatches and a writer thread that sends."""
@@ -278,7 +345,7 @@ class _Client:
     def _read_loop(self) -> None:
         try:
             self.send(self.server.greeting())
-            buf = bytearray()
+            splitter = JsonSplitter()
             while True:
                 try:
                     data = self.sock.recv(65536)
@@ -286,16 +353,9 @@ class _Client:
                     break
                 if not data:
                     break
-                buf += data
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        break
-                    line = bytes(buf[:nl])
-                    del buf[: nl + 1]
-                    if line.strip():
-                        self.server._handle_line(self, line)
-                if len(buf) > MAX_LINE:
+                for msg in splitter.feed(data):
+                    self.server._handle_line(self, msg)
+                if splitter.pending > MAX_LINE:
                     self.send({"error": {"class": "GenericError",
                                          "desc": "JSON parse error, input too long"}})
                     break

@@ -100,6 +100,12 @@ class ReceiveBuffer:
         self._pos = end
         return out
 
+    def peek_upto(self, n: int) -> bytes:
+        """A copy of what is there from the read position, at most n bytes."""
+        end = min(self._pos + n, len(self._data))
+        with memoryview(self._data) as mv:
+            return bytes(mv[self._pos : end])
+
     def skip(self, n: int) -> None:
         end = self._pos + n
         if end > len(self._data):

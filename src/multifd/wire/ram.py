@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from multifd.wire.buffer import NeedData, ReceiveBuffer
 from multifd.wire.constants import (
     MAPPED_RAM_HEADER_SIZE,
@@ -80,6 +82,20 @@ class RamZero:
     cont: bool = False
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RamZeroRun:
+    """Consecutive ZERO records (fill 0) of one block, decoded in one go.
+
+    Only produced when `RamSettings.batch_zero_runs` is on: a 7.2 source sends one 9-byte
+    record per zero page (262,144 for 1 GiB), far too many for one Python object each.
+    `cont` is the first record's CONTINUE bit; every later record has it set.
+    """
+
+    block: str
+    offsets: np.ndarray
+    cont: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class RamPage:
     offset: int
@@ -115,7 +131,7 @@ class RamMultifdFlush:
 
 
 RamPageRecord = RamZero | RamPage | RamXbzrle | RamCompressedPage
-RamRecord = RamMemSize | RamPageRecord | RamEos | RamMultifdFlush
+RamRecord = RamMemSize | RamPageRecord | RamZeroRun | RamEos | RamMultifdFlush
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +145,16 @@ class RamSettings:
     allow_multifd_flush: bool = True  # False = 7.2: 0x200 is an error
     allow_compress_page: bool = True  # False = HEAD >= 9.1: 0x100 is gone
     max_blocks: int = 4096  # a lying MEM_SIZE total cannot make us collect forever
+    batch_zero_runs: bool = False  # decode runs of ZERO records as one RamZeroRun
 
     def __post_init__(self) -> None:
         ps = self.page_size
         if ps < 1024 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 1024, not {ps}")
 
+
+_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])
+_ZERO_RUN_MAX = 1 << 16  # records looked at per run (576 KiB)
 
 _PAGE_KINDS: dict[int, type] = {
     int(RamFlag.ZERO): RamZero,
@@ -188,6 +208,10 @@ def encode_block_entry(info: RamBlockInfo, settings: RamSettings = RamSettings()
 
 def encode_ram_record(rec: RamRecord, settings: RamSettings = RamSettings()) -> bytes:
     """Encode one record, using `rec.cont` verbatim (the caller tracks the last block)."""
+    if isinstance(rec, RamZeroRun):
+        from multifd.wire.ram_batch import encode_zero_run
+
+        return encode_zero_run(rec.block, rec.offsets, first_continues=rec.cont)
     if isinstance(rec, RamEos):
         return _U64.pack(RamFlag.EOS)
     if isinstance(rec, RamMultifdFlush):
@@ -352,6 +376,8 @@ class RamRecordReader:
         if cls is RamZero:
             fill = buf.take_u8()
             self.last_block = block
+            if s.batch_zero_runs and fill == 0:
+                return self._zero_run(buf, block, addr, cont)
             return RamZero(addr, block, fill, cont)
         if cls is RamPage:
             data = buf.take(s.page_size)
@@ -374,6 +400,29 @@ class RamRecordReader:
             data = buf.take(n)
         self.last_block = block
         return cls(addr, block, data, cont)
+
+    def _zero_run(self, buf: ReceiveBuffer, block: str, addr: int, cont: bool) -> RamZeroRun:
+        """Take every following ZERO|CONTINUE record with fill 0 that is already here."""
+        ahead = buf.peek_upto(_ZERO_RUN_MAX * _ZERO_REC.itemsize)
+        n = len(ahead) // _ZERO_REC.itemsize
+        recs = np.frombuffer(ahead, dtype=_ZERO_REC, count=n)
+        mask = np.uint64(self.settings.page_size - 1)
+        ok = ((recs["word"] & mask) == np.uint64(RamFlag.ZERO | RamFlag.CONTINUE)) & (
+            recs["fill"] == 0)
+        bad = np.flatnonzero(~ok)
+        k = int(bad[0]) if bad.size else n
+        offsets = np.empty(k + 1, dtype=np.uint64)
+        offsets[0] = addr
+        offsets[1:] = recs["word"][:k] & ~mask
+        if k:
+            used = self.block_lengths.get(block) if self.block_lengths is not None else None
+            top = int(offsets[1:].max())
+            if used is not None and top + self.settings.page_size > used:
+                at = buf.offset + int(np.argmax(offsets[1:] == top)) * _ZERO_REC.itemsize
+                raise BadOffset("page offset beyond the block's used_length",
+                                field="offset", value=top, offset=at)
+            buf.skip(k * _ZERO_REC.itemsize)
+        return RamZeroRun(block, offsets, cont)
 
     def _block_name(self, buf: ReceiveBuffer, cont: bool, at: int) -> str:
         if cont:
