@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from multifd.machine.demo import build_demo_machine
@@ -274,3 +273,48 @@ def test_slow_client_never_blocks_emit(served: tuple[QmpServer, str],
         time.sleep(0.02)
     assert srv.client_count == 0  # the stuck client was dropped
     raw.close()
+
+
+def test_embedded_migration_with_events(sockdir: Path) -> None:
+    """serve_qmp on two in-process machines; autostart on: the destination resumes."""
+    src_m = build_demo_machine(4 * MiB, seed=9)
+    dst_m = build_demo_machine(4 * MiB, seed=9, populate=False)
+    dst_m.set_incoming()
+    src = serve_qmp(src_m, f"unix:{sockdir / 's.sock'}")
+    dst = serve_qmp(dst_m, f"unix:{sockdir / 'd.sock'}", incoming_defer=True, fresh_ram=True)
+    s, d = QEMUMonitorProtocol(str(sockdir / "s.sock")), QEMUMonitorProtocol(
+        str(sockdir / "d.sock"))
+    try:
+        s.connect()
+        d.connect()
+        for c in (s, d):
+            c.cmd("migrate-set-capabilities", capabilities=[
+                {"capability": "multifd", "state": True}, {"capability": "events",
+                                                           "state": True}])
+        d.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+        port = d.cmd("query-migrate")["socket-address"][0]["port"]  # type: ignore[index]
+        s.cmd("migrate", uri=f"tcp:127.0.0.1:{port}", detach=True)
+        names: list[tuple[str, Any]] = []
+        while ("MIGRATION", "completed") not in names:
+            ev = s.pull_event(wait=10.0)
+            assert ev is not None
+            names.append((ev["event"], ev.get("data", {}).get("status")))
+        assert ("MIGRATION_PASS", None) in names
+        assert names[0] == ("MIGRATION", "setup")
+        seen: list[str] = []
+        while "RESUME" not in seen:
+            ev = d.pull_event(wait=10.0)
+            assert ev is not None
+            seen.append(ev["event"])
+        assert d.cmd("query-status")["status"] == "running"  # type: ignore[index]
+        assert s.cmd("query-status")["status"] == "postmigrate"  # type: ignore[index]
+        assert src_m.checksum() == dst_m.checksum()
+        assert d.cmd("x-query-checksum") == s.cmd("x-query-checksum")
+    finally:
+        for c in (s, d):
+            with contextlib.suppress(Exception):
+                c.close()
+        src.close()
+        dst.close()
+        src_m.close()
+        dst_m.close()

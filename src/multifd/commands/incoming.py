@@ -15,9 +15,10 @@ import time
 from multifd.migration.profile import PROFILES, get_profile
 from multifd.qemu.peer import DEFAULT_TIMEOUT_S, PeerError, parse_uuid, receive_from_qemu
 
-UUID_HELP = ("UUID the multifd init packets must carry (QEMU sends its -uuid). Default: the "
-             "uuid subsection of the stream's configuration when present, else all zeros "
-             "(a QEMU started without -uuid)")
+UUID_HELP = ("UUID of the multifd init packets; it must equal the peer QEMU's -uuid (QEMU "
+             "compares them; all zeros without -uuid). Default: the uuid subsection of the "
+             "stream's configuration (the recorded/image configuration) when present, else "
+             "all zeros")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -70,7 +70,12 @@ RECV_CHUNK = 1 << 20
 
 
 class MigrationDestination:
-    """Receives a migration into `machine`: `listen(uri)`, then `wait()`."""
+    """Receives a migration into `machine`: `listen(uri)`, then `wait()`.
+
+    The machine's RAM must start zeroed (a fresh machine), as QEMU's destination assumes:
+    the source does not send zero pages it never sent before, and with `fresh_ram` the
+    channels skip zero pages they never received instead of touching the memory.
+    """
 
     def __init__(
         self,
@@ -83,7 +88,7 @@ class MigrationDestination:
         machine_type: str = "multifd-python",
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         accept_timeout: float = ACCEPT_TIMEOUT_S,
-        fresh_ram: bool = False,
+        fresh_ram: bool = True,
     ) -> None:
         self.fresh_ram = fresh_ram
         self.machine = machine

@@ -41,6 +41,7 @@ from multifd.wire.ram import (
     RamPage,
     RamSettings,
     RamZero,
+    RamZeroRun,
     encode_ram_record,
 )
 from multifd.wire.ram_batch import encode_page_run, encode_zero_run
@@ -153,7 +154,8 @@ class StreamRecorder:
     def __post_init__(self) -> None:
         self._dec = MainStreamDecoder(
             ram=RamSettings(page_size=self.page_size,
-                            allow_multifd_flush=self.allow_multifd_flush),
+                            allow_multifd_flush=self.allow_multifd_flush,
+                            batch_zero_runs=True),
             opaque_tail=True,
             allow_switchover_start=self.allow_switchover_start,
         )
@@ -221,6 +223,9 @@ class StreamRecorder:
             blk = self._blocks[rec.block]
             blk.pages[rec.offset // self.page_size] = rec.fill
             self.main_zero += 1
+        elif isinstance(rec, RamZeroRun):
+            self._blocks[rec.block].pages[rec.offsets // self.page_size] = 0
+            self.main_zero += int(rec.offsets.shape[0])
         elif isinstance(rec, RamPage):
             blk = self._blocks[rec.block]
             blk.view[rec.offset : rec.offset + self.page_size] = rec.data

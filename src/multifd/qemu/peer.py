@@ -504,52 +504,10 @@ def migrate_to_qemu(
 # ----------------------------------------------------------------------------- helpers
 
 
-class _StaleSizeChannel:
-    """Channel proxy for the 7.2 quirk: a packet without normal pages carries a stale
-    next_packet_size (and no payload); QEMU ignores it, so zero it after the header read.
-
-    Workaround until multifd/multifd/ram.py (RamRecvOps.receive) ignores next_packet_size
-    for page-less 7.2 packets itself; then `_receiver` can build a plain Receiver.
-    """
-
-    def __init__(self, ch: Any) -> None:
-        self._ch = ch
-        self._first = True
-
-    def read_exact(self, view: memoryview) -> None:
-        self._ch.read_exact(view)
-        if self._first:
-            self._first = False
-            if len(view) >= 12 and view[4:8] == b"\0\0\0\0":  # normal_pages == 0
-                view[8:12] = b"\0\0\0\0"  # next_packet_size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ch, name)
-
-
-class _TolerantRamOps:
-    """Delegates to the registered RAM receive ops through `_StaleSizeChannel`."""
-
-    def __init__(self, ops: Any) -> None:
-        self._ops = ops
-        self.kind_bits = ops.kind_bits
-        self.layouts = ops.layouts
-
-    def header_size(self, page_size: int) -> int:
-        return int(self._ops.header_size(page_size))
-
-    def receive(self, ch: Any, flags: int) -> bool:
-        return bool(self._ops.receive(_StaleSizeChannel(ch), flags))
-
-
 def _receiver(*, channels: int, uuid: bytes, layout: PacketLayout, compression: str,
               blocks: dict[str, RamBlock]) -> Receiver:
-    rx = Receiver(channels=channels, uuid=uuid, layout=layout, compression=compression,
-                  blocks=blocks, fresh_ram=True)
-    if layout is PacketLayout.V7_2:
-        ops = rx._ops  # see _StaleSizeChannel: the 7.2 stale next_packet_size workaround
-        rx._ops = {**ops, 0: _TolerantRamOps(ops[0])}  # type: ignore[dict-item]
-    return rx
+    return Receiver(channels=channels, uuid=uuid, layout=layout, compression=compression,
+                    blocks=blocks, fresh_ram=True)
 
 
 def _describe(e: BaseException) -> str:

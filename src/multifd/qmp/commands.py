@@ -93,7 +93,7 @@ class MachineCommands:
         caps: MigrationCapabilities | None = None,
         uuid: bytes = bytes(16),
         machine_type: str = "multifd-python",
-        fresh_ram: bool = False,
+        fresh_ram: bool = True,
     ) -> None:
         self.machine = machine
         self.server = server
@@ -281,7 +281,7 @@ def serve_qmp(
     caps: MigrationCapabilities | None = None,
     uuid: bytes = bytes(16),
     machine_type: str = "multifd-python",
-    fresh_ram: bool = False,
+    fresh_ram: bool = True,
     version: tuple[int, int, int] = (7, 2, 0),
 ) -> QmpServer:
     """Serve QMP for ``machine`` on one or more ``unix:PATH``/``tcp:HOST:PORT`` addresses.

@@ -573,9 +573,13 @@ class QmpServer:
         except Exception as exc:  # a handler bug must not kill the connection
             log.exception("QMP command failed")
             return reply(_error(QmpError(str(exc) or type(exc).__name__))), None
-        if cmd.name == "qmp_capabilities":
-            client.negotiated = True
-        return reply({"return": {} if ret is None else ret}), cmd.after
+        after = cmd.after
+        if cmd.name == "qmp_capabilities":  # events only after the reply went out
+
+            def after() -> None:
+                client.negotiated = True
+
+        return reply({"return": {} if ret is None else ret}), after
 
     def _lookup(self, client: _Client, req: dict[str, Any]) -> QmpCommand:
         for key in req:
