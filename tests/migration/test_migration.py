@@ -120,6 +120,7 @@ def test_file_and_exec_transports(tmp_path: Path, kind: str) -> None:
     dst.listen(in_uri)
     assert str(dst.wait(30)) == "completed", dst.error
     assert dst_machine.checksum() == src_machine.checksum()
+    assert not dst_machine.is_running  # the source was paused: so is the destination
     src_machine.close()
     dst_machine.close()
 

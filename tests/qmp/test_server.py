@@ -278,6 +278,7 @@ def test_slow_client_never_blocks_emit(served: tuple[QmpServer, str],
 def test_embedded_migration_with_events(sockdir: Path) -> None:
     """serve_qmp on two in-process machines; autostart on: the destination resumes."""
     src_m = build_demo_machine(4 * MiB, seed=9)
+    src_m.start()  # a running source: its globalstate tells the destination to run
     dst_m = build_demo_machine(4 * MiB, seed=9, populate=False)
     dst_m.set_incoming()
     src = serve_qmp(src_m, f"unix:{sockdir / 's.sock'}")

@@ -147,8 +147,9 @@ def _child(args: argparse.Namespace, role: str, uri: str | None = None) -> subpr
            "--compression", args.compression, "--profile", args.profile,
            "--dirty-rate", str(args.dirty_rate), "--downtime-limit", str(args.downtime_limit),
            "--max-bandwidth", str(args.max_bandwidth), "--steps", str(args.steps),
-           "--seed", str(args.seed), "--device-state", str(args.device_state),
-           "--device-state-via", args.device_state_via]
+           "--seed", str(args.seed), "--device-state-via", args.device_state_via]
+    if args.device_state:  # parse_size refuses 0 (the default: no device)
+        cmd += ["--device-state", str(args.device_state)]
     if uri:
         cmd += ["--uri", uri]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())

@@ -89,8 +89,11 @@ class MigrationDestination:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         accept_timeout: float = ACCEPT_TIMEOUT_S,
         fresh_ram: bool = True,
+        autostart: Callable[[], bool] | bool = True,
     ) -> None:
         self.fresh_ram = fresh_ram
+        # QEMU's -S: with autostart off the machine stays paused after the migration.
+        self._autostart = autostart if callable(autostart) else (lambda: bool(autostart))
         self.machine = machine
         self.params = params if params is not None else MigrationParameters()
         self.caps = caps if caps is not None else MigrationCapabilities()
@@ -179,7 +182,7 @@ class MigrationDestination:
             self.machine.finish_incoming()
             self.t_end = time.monotonic()
             self._set_status(MigrationStatus.COMPLETED)
-            if self.source_runstate in (None, "running"):
+            if self.source_runstate in (None, "running") and self._autostart():
                 self.resume_wall = time.time()
                 self.machine.resume()
         except BaseException as exc:

@@ -165,8 +165,15 @@ class MigrationSource:
         return {"device_state_bytes": ds.total_bytes, "device_state_buffers": ds.total_buffers}
 
     # -- the migration thread -------------------------------------------------------------
+    def set_max_bandwidth(self, max_bandwidth: int) -> None:
+        """migrate-set-parameters max-bandwidth during a migration: applies at once."""
+        if self.status.status is not MigrationStatus.DEVICE:
+            self._limiter.set_max_bandwidth(max_bandwidth)
+
     def _run(self, addr: Any) -> None:
         was_running = self.machine.is_running
+        # globalstate: the destination runs the machine only if it was running here.
+        self._runstate = "running" if was_running else "paused"
         paused_by_us = False
         try:
             self._check_cancel()
@@ -362,7 +369,7 @@ class MigrationSource:
             self._devstate.wait()
         main.write(encode_record(SectionHeader(
             SectionType.FULL, self._global_section, GLOBALSTATE_IDSTR, 0, 1)))
-        main.write(encode_globalstate("running"))
+        main.write(encode_globalstate(self._runstate))
         main.write(encode_record(SectionFooter(self._global_section)))
         main.write(encode_record(EndOfStream()))
         main.write(encode_record(VmDescription(self._vmdesc())))

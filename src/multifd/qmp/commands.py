@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from multifd.machine.machine import Machine, RunState
@@ -39,31 +39,6 @@ SETUP_ONLY_PARAMETERS = frozenset({
     "zero-page-detection", "mode", "tls-creds", "tls-hostname", "tls-authz",
 })
 IN_PROGRESS = "There's a migration process in progress"
-
-
-class _Incoming(MigrationDestination):
-    """A destination that honours autostart (QEMU ``-S``) when the migration completes.
-
-    The engine resumes the machine when the source's runstate was ``running``; with
-    autostart off we report ``paused`` instead, so it stays stopped, as QEMU does.
-    The runstate the source actually sent stays in ``received_runstate``.
-    """
-
-    def __init__(self, machine: Machine, *, autostart: Callable[[], bool], **kw: Any) -> None:
-        self._autostart = autostart
-        self.received_runstate: str | None = None
-        super().__init__(machine, **kw)
-
-    @property  # type: ignore[override]
-    def source_runstate(self) -> str | None:
-        rs = self.received_runstate
-        if rs in (None, "running") and not self._autostart():
-            return "paused"
-        return rs
-
-    @source_runstate.setter
-    def source_runstate(self, value: str | None) -> None:
-        self.received_runstate = value
 
 
 def _socket_address(uri: str) -> dict[str, Any] | None:
@@ -106,7 +81,7 @@ class MachineCommands:
         self.machine_type = machine_type
         self.fresh_ram = fresh_ram
         self.source: MigrationSource | None = None
-        self.destination: _Incoming | None = None
+        self.destination: MigrationDestination | None = None
         self._last: MigrationSource | MigrationDestination | None = None
         self._incoming_uri: str | None = None
         self._incoming_started = False
@@ -185,7 +160,6 @@ class MachineCommands:
             uuid=self.uuid, machine_type=self.machine_type,
             on_event=lambda n, d: self._on_migration_event("source", n, d))
         self.source = self._last = src
-        self._on_migration_event("source", "MIGRATION", {"status": "setup"})
         try:
             src.start(uri)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -197,7 +171,7 @@ class MachineCommands:
             raise QmpError("For use with '-incoming defer'")
         if self._incoming_started:
             raise QmpError("The incoming migration has already been started")
-        dest = _Incoming(
+        dest = MigrationDestination(
             self.machine, autostart=lambda: self.autostart, params=self.params,
             caps=self.caps, profile=self.profile, uuid=self.uuid,
             machine_type=self.machine_type, fresh_ram=self.fresh_ram,
@@ -245,9 +219,7 @@ class MachineCommands:
         self.params.set(args)
         src = self.source
         if "max-bandwidth" in args and src is not None and src.status.is_running():
-            limiter = getattr(src, "_limiter", None)  # applies live, like QEMU
-            if limiter is not None and src.status.status.value != "device":
-                limiter.set_max_bandwidth(self.params.max_bandwidth)
+            src.set_max_bandwidth(self.params.max_bandwidth)  # applies live, like QEMU
         return {}
 
     # -- events -----------------------------------------------------------------------------
