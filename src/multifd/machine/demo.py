@@ -310,6 +310,12 @@ class BigStateDevice(Device):
         else:
             self._apply_records(data)
 
+    def abort_load(self) -> None:
+        self.queue.abort()
+
+    def load_progress(self) -> str | None:
+        return None if self.queue.complete else f"next idx {self.queue.next_index} never arrived"
+
     def load_state_job(self, abort: threading.Event) -> None:
         for _idx, data, config in self.queue.drain(abort):
             self._apply_buffer(data, config)

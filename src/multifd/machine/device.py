@@ -102,6 +102,14 @@ class Device(abc.ABC):
         """Called before the destination resumes; raise if state is incomplete."""
         return None
 
+    def abort_load(self) -> None:
+        """The migration failed: wake anything blocked in load_state_buffer / the load job."""
+        return None
+
+    def load_progress(self) -> str | None:
+        """What is still missing, for an error message (None: nothing known missing)."""
+        return None
+
     # -- verification ----------------------------------------------------------------------
 
     def checksum(self) -> str:

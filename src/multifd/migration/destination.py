@@ -393,7 +393,7 @@ class MigrationDestination:
                 return True
             if rcv.error is not None:
                 raise rcv.error
-            return all(ch.ended for ch in rcv._chans.values())
+            return rcv.channels_ended()
 
         self._devstate.finish(channels_done)
 

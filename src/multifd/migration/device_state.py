@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from multifd.machine.device import Device, DeviceStateError, StateBufferQueue
+from multifd.machine.device import Device, DeviceStateError
 from multifd.machine.workers import Aborted, WorkerError, WorkerPool
 from multifd.multifd.device_state import DeviceStatePayload, DeviceStateSendOps
 from multifd.multifd.slots import SendChannelContext, register_send_ops
@@ -333,9 +333,7 @@ class DeviceStateLoader:
         """Stop the load jobs and wake channel threads blocked on back-pressure."""
         self.pool.abort()
         for dev in self._expected.values():
-            q = getattr(dev, "queue", None)
-            if isinstance(q, StateBufferQueue):
-                q.abort()
+            dev.abort_load()
 
     def close(self) -> None:
         """Abort what still runs and join the workers (a stuck device job is left behind
@@ -382,9 +380,7 @@ class DeviceStateLoader:
     def _missing(self) -> str:
         parts = []
         for key, dev in self._expected.items():
-            q = getattr(dev, "queue", None)
-            if isinstance(q, StateBufferQueue) and not q.complete:
-                parts.append(f"{key[0]}: next idx {q.next_index} never arrived")
-            elif not isinstance(q, StateBufferQueue):
-                parts.append(f"{key[0]}: load job did not finish")
+            missing = dev.load_progress()
+            if missing:
+                parts.append(f"{key[0]}: {missing}")
         return "; ".join(parts) or "a load job did not finish"

@@ -62,6 +62,7 @@ from multifd.wire.stream import (
 )
 
 CONNECT_TIMEOUT_S = 10.0
+CONFIRM_TIMEOUT_S = 5.0  # destination must close main within this after the last byte
 
 
 class MigrationCancelled(Exception):
@@ -106,6 +107,8 @@ class MigrationSource:
         self.t_end = 0.0
         self.expected_downtime_ms = self.params.downtime_limit
         self.passes = 0
+        # Test/demo hook (fault injection): called on the migration thread at each phase.
+        self.on_phase: Callable[[str], None] | None = None
 
     # -- public ---------------------------------------------------------------------------
     def start(self, uri: str) -> None:
@@ -178,10 +181,12 @@ class MigrationSource:
         try:
             self._check_cancel()
             main = self._open(addr)
+            self._phase("setup")
             self._check_cancel()
             self._setup(main)
             self.t_setup_done = time.monotonic()
             self._set_status(MigrationStatus.ACTIVE)
+            self._phase("iterate")
             self._iterate_until_converged(main)
             paused_by_us = was_running
             self._check_cancel()
@@ -189,9 +194,11 @@ class MigrationSource:
             self.t_pause = time.monotonic()
             self.pause_wall = time.time()
             self._set_status(MigrationStatus.DEVICE)
+            self._phase("switchover")
             self._limiter.disable()
             self._complete(main)
             self.t_end = time.monotonic()
+            self._await_destination()
             self._close_io(clean=True)
             self._set_status(MigrationStatus.COMPLETED)
         except BaseException as exc:
@@ -235,6 +242,7 @@ class MigrationSource:
             self._sender.start()
             self._closers.insert(0, lambda: self._sender.abort("closing") if self._sender else None)
             send: Callable[[Sequence[Any]], None] = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
         elif isinstance(addr, FdAddress) or not supports_multifd(addr):
             stream = open_stream(addr, "w")
@@ -245,6 +253,7 @@ class MigrationSource:
             sock = connect(addr, CONNECT_TIMEOUT_S)
             self._closers.append(sock.close)
             send = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
 
         def counted(n: int) -> None:
@@ -360,6 +369,7 @@ class MigrationSource:
         self._ram.save_complete()
         main.write(encode_record(SectionFooter(self._ram_section)))
         if self._devstate is not None:  # after RAM END (its last SYNC): jobs run at once
+            self._phase("device-state")
             self._devstate.start_final()
         for h in self._devices:
             h.complete()
@@ -367,6 +377,8 @@ class MigrationSource:
             h.save_full()
         if self._devstate is not None:
             self._devstate.wait()
+        self._phase("completion")
+        self._check_destination_alive()
         main.write(encode_record(SectionHeader(
             SectionType.FULL, self._global_section, GLOBALSTATE_IDSTR, 0, 1)))
         main.write(encode_globalstate(self._runstate))
@@ -427,6 +439,63 @@ class MigrationSource:
                            self._ram.pending_bytes() + self._ram.dirty_estimate_bytes())
         s.total = self.machine.total_ram()
         s.mbps = self._meter.mbps()
+
+    def _phase(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
+
+    _main_sock: Any = None
+
+    def _check_destination_alive(self) -> None:
+        """Before the last records: a main channel already closed or reset by the peer
+        means the destination is gone; fail now rather than "complete" into nothing."""
+        sock = self._main_sock
+        if sock is None:
+            return
+        import socket
+
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ConnectionError(f"main channel to the destination failed: "
+                                  f"{exc.strerror or exc}") from exc
+        if not data:
+            raise ConnectionError("the destination closed the main channel before completion")
+
+    def _await_destination(self) -> None:
+        """Wait for the destination to close the main channel after loading.
+
+        Without a return path its clean close (FIN) is the only "loaded and running"
+        signal: a reset means it failed, silence for CONFIRM_TIMEOUT_S means it is stuck
+        (e.g. a channel stalled). Either way the source fails and keeps the machine.
+        """
+        sock = self._main_sock
+        if sock is None:
+            return
+        import select
+
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        buf = bytearray(4096)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        while True:
+            self._check_cancel()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the destination did not confirm the end of the migration "
+                                   f"(close its main channel) within {CONFIRM_TIMEOUT_S:g} s")
+            if not poller.poll(min(left, 0.1) * 1000):
+                continue
+            try:
+                n = sock.recv_into(buf)
+            except OSError as exc:
+                raise ConnectionError(f"the destination failed at the end of the migration: "
+                                      f"main channel {exc.strerror or exc}") from exc
+            if n == 0:
+                self._check_cancel()  # our own shutdown (migrate_cancel) reads as EOF too
+                return
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():

@@ -10,6 +10,7 @@ makes any of them return (EOF or an OSError), which is how the core aborts.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Sequence
 
@@ -35,14 +36,46 @@ def byte_views(buffers: Sequence[object]) -> list[memoryview]:
     return out
 
 
-def sendmsg_all(sock: socket.socket, buffers: Sequence[object]) -> int:
-    """Send every byte of `buffers` in order with gather `sendmsg`; returns the total."""
+SEND_STALL_TIMEOUT_S = 5.0  # a sendmsg making no progress this long: dead/stalled peer
+
+
+class SendStalled(TimeoutError):
+    """The peer took no byte for `SEND_STALL_TIMEOUT_S`: it is dead or stopped reading."""
+
+
+def send_some(sock: socket.socket, views: Sequence[memoryview],
+              stall_timeout: float | None) -> int:
+    """One gather send that waits at most `stall_timeout` s for buffer space.
+
+    Non-blocking send + poll, so a peer that stops reading turns into `SendStalled`
+    instead of a thread blocked forever (a shutdown() from another thread still wakes it).
+    """
+    if stall_timeout is None:
+        return sock.sendmsg(views)
+    while True:
+        try:
+            return sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        if not poller.poll(stall_timeout * 1000):
+            raise SendStalled(f"peer stalled: no byte accepted for {stall_timeout:g} s "
+                              "(dead or not reading)")
+
+
+def sendmsg_all(sock: socket.socket, buffers: Sequence[object],
+                stall_timeout: float | None = SEND_STALL_TIMEOUT_S) -> int:
+    """Send every byte of `buffers` in order with gather `sendmsg`; returns the total.
+
+    Raises `SendStalled` when no byte goes out for `stall_timeout` seconds (None: wait).
+    """
     views = byte_views(buffers)
     n = len(views)
     i = 0
     total = 0
     while i < n:
-        sent = sock.sendmsg(views[i : i + IOV_MAX])
+        sent = send_some(sock, views[i : i + IOV_MAX], stall_timeout)
         total += sent
         while sent:
             size = len(views[i])

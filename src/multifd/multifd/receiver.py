@@ -181,6 +181,11 @@ class Receiver:
         self._wait_for(lambda: len(self._chans) == self.channels, timeout,
                        "all multifd channels to connect")
 
+    def channels_ended(self) -> bool:
+        """Every channel saw a clean EOF from the source: nothing more will arrive."""
+        with self._mu:
+            return bool(self._chans) and all(ch.ended for ch in self._chans.values())
+
     def sync_main(self, timeout: float | None = None) -> None:
         """The main-stream loader's barrier at EOS (7.2) / MULTIFD_FLUSH (10): wait until
         every channel has reached its SYNC packet (and applied everything before it), then
