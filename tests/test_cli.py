@@ -69,10 +69,10 @@ def test_runs_command_with_its_arguments(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_missing_module(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "multifd.commands.replay", None)  # import -> not found
-    assert cli.main(["replay", "x"]) == 1
+    monkeypatch.setitem(sys.modules, "multifd.commands.serve", None)  # import -> not found
+    assert cli.main(["serve", "x"]) == 1
     assert capsys.readouterr().err.strip() == (
-        "error: command replay is not available in this build")
+        "error: command serve is not available in this build")
 
 
 def test_module_without_entry_points(

@@ -24,12 +24,10 @@ __all__ = ["COMMANDS", "main"]
 # name -> one-line help (shown without importing the command modules)
 COMMANDS: dict[str, str] = {
     "demo": "migrate a live Python workload between two local processes and verify it",
-    "migrate": "migrate a machine to a destination URI",
-    "incoming": "receive a migration on a URI",
+    "migrate": "send a recorded image to a QEMU destination (multifd on or off)",
+    "incoming": "be a real QEMU's migration destination and save an image",
     "serve": "run a machine with a QMP control socket",
-    "inspect": "describe a recorded QEMU migration stream",
-    "record": "receive a migration from QEMU and store it",
-    "replay": "send a recorded migration to a QEMU destination",
+    "inspect": "describe a recorded QEMU migration stream or image",
 }
 
 

@@ -20,7 +20,9 @@ half-loaded destination never runs.
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,7 @@ from multifd.multifd.receiver import Receiver
 from multifd.transport.channels import accept_channels
 from multifd.transport.exec import open_stream
 from multifd.transport.sockets import Listener
+from multifd.transport.tls import TlsConfig, TlsError, accept_tls, accept_tls_channels
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri, supports_multifd
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import Command, SectionType
@@ -66,6 +69,7 @@ from multifd.wire.stream import (
 )
 
 ACCEPT_TIMEOUT_S = 30.0
+CHANNEL_CLOSE_TIMEOUT_S = 5.0  # after EOF, the source closes its channels within this
 RECV_CHUNK = 1 << 20
 
 
@@ -129,6 +133,11 @@ class MigrationDestination:
     def listen(self, uri: str) -> str:
         """Bind now (so a port 0 gets its real number) and start the incoming thread."""
         addr = parse_uri(uri)
+        tls = TlsConfig.from_params(self.params)
+        if tls is not None:  # bad credentials fail here, in the caller
+            if not isinstance(addr, TcpAddress | UnixAddress):
+                raise TlsError(f"TLS needs a tcp: or unix: URI, not {addr}")
+            tls.server()
         self.t_start = time.monotonic()
         self.status.set(MigrationStatus.SETUP)
         self._emit("MIGRATION", {"status": "setup"})
@@ -178,6 +187,7 @@ class MigrationDestination:
             self._set_status(MigrationStatus.ACTIVE)
             self._load()
             if self.receiver is not None:
+                self._await_channels_closed()
                 self.receiver.close()
             self.machine.finish_incoming()
             self.t_end = time.monotonic()
@@ -211,12 +221,16 @@ class MigrationDestination:
                 raise ValueError(f"multifd needs a socket URI, not {addr}")
             self._main = open_stream(addr, "r")
             return
+        tls = TlsConfig.from_params(self.params)  # under TLS: channels by order, not peek
         if multifd:
             if not supports_multifd(addr):
                 raise ValueError(f"multifd needs a socket URI, not {addr}")
             n = self.params.multifd_channels
-            main, chans = accept_channels(self._listener, n, self.profile.name,
-                                          self.accept_timeout)
+            if tls is not None:
+                main, chans = accept_tls_channels(self._listener, n, tls, self.accept_timeout)
+            else:
+                main, chans = accept_channels(self._listener, n, self.profile.name,
+                                              self.accept_timeout)
             self._main = main
             self.receiver = Receiver(
                 channels=n,
@@ -230,6 +244,8 @@ class MigrationDestination:
             )
             for c in chans:
                 self.receiver.add_channel(c, timeout=self.accept_timeout)
+        elif tls is not None:
+            self._main = accept_tls(self._listener, tls, self.accept_timeout)
         else:
             self._main = self._listener.accept(self.accept_timeout)
         self._listener.close()
@@ -421,10 +437,45 @@ class MigrationDestination:
             self.receiver.abort(why)
         main = self._main
         if isinstance(main, socket.socket):
-            try:
-                main.shutdown(socket.SHUT_RDWR)
+            try:  # a failed destination resets main (never a clean FIN: the source takes
+                # our FIN as "loaded"); SHUT_RD wakes the incoming thread's recv
+                main.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                main.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
         if self._listener is not None:
             self._listener.close()
 
+    def _await_channels_closed(self) -> None:
+        """After EOF: every channel must end with the source's clean close before we run.
+
+        A channel reset, the source dropping main first, or no close within
+        CHANNEL_CLOSE_TIMEOUT_S means the source failed at the very end: do not run.
+        """
+        rcv = self.receiver
+        assert rcv is not None
+        deadline = time.monotonic() + CHANNEL_CLOSE_TIMEOUT_S
+        poller = select.poll()
+        if isinstance(self._main, socket.socket):
+            poller.register(self._main, select.POLLIN | select.POLLERR | select.POLLHUP)
+        while True:
+            if rcv.error is not None:
+                raise rcv.error
+            if len(rcv.channel_stats()) == rcv.channels and rcv.channels_ended():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the source did not close every multifd channel within "
+                                   f"{CHANNEL_CLOSE_TIMEOUT_S:g} s of the end of the stream")
+            if poller.poll(20) and _peer_gone(self._main):
+                raise ConnectionError("the source closed the main channel before closing "
+                                      "every multifd channel (it failed at the end)")
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """True when a readable main channel is at EOF or reset (no data may follow EOF)."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True

@@ -48,6 +48,7 @@ from multifd.multifd.sender import Sender
 from multifd.transport.channels import connect_channels
 from multifd.transport.exec import open_stream
 from multifd.transport.sockets import connect, sendmsg_all
+from multifd.transport.tls import TlsConfig, TlsError, connect_tls, connect_tls_channels
 from multifd.transport.uri import FdAddress, parse_uri, supports_multifd
 from multifd.wire.constants import Command, SectionType, ram_packet_len
 from multifd.wire.stream import (
@@ -203,6 +204,7 @@ class MigrationSource:
             self._set_status(MigrationStatus.COMPLETED)
         except BaseException as exc:
             self.t_end = time.monotonic()
+            cause = self._root_cause(exc)
             self._abort_io(str(exc))
             if self._ram is not None:
                 self._ram.cleanup()
@@ -211,7 +213,7 @@ class MigrationSource:
             if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
                 self._set_status(MigrationStatus.CANCELLED)
             else:
-                self.error = _describe(exc)
+                self.error = cause
                 if self.status.fail(self.error):
                     self._emit("MIGRATION", {"status": "failed"})
         finally:
@@ -222,10 +224,17 @@ class MigrationSource:
         multifd = self.caps.get("multifd")
         if multifd and not supports_multifd(addr):
             raise ValueError(f"multifd needs a socket URI, not {addr}")
+        tls = TlsConfig.from_params(self.params)  # every channel its own session
+        if tls is not None and not supports_multifd(addr):
+            raise TlsError(f"TLS needs a tcp: or unix: URI, not {addr}")
         if multifd:
-            sock, chans = connect_channels(
-                addr, self.params.multifd_channels, self.profile.name, CONNECT_TIMEOUT_S
-            )
+            if tls is not None:
+                sock, chans = connect_tls_channels(
+                    addr, self.params.multifd_channels, tls, CONNECT_TIMEOUT_S)
+            else:
+                sock, chans = connect_channels(
+                    addr, self.params.multifd_channels, self.profile.name, CONNECT_TIMEOUT_S
+                )
             self._closers.append(sock.close)
             for c in chans:
                 self._closers.append(c.close)
@@ -241,7 +250,7 @@ class MigrationSource:
             )
             self._sender.start()
             self._closers.insert(0, lambda: self._sender.abort("closing") if self._sender else None)
-            send: Callable[[Sequence[Any]], None] = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            send: Callable[[Sequence[Any]], None] = _main_sender(sock)
             self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
         elif isinstance(addr, FdAddress) or not supports_multifd(addr):
@@ -250,9 +259,10 @@ class MigrationSource:
             send = lambda bufs: sendmsg_all(stream, bufs)  # noqa: E731
             self._shutdown_main = stream.close
         else:
-            sock = connect(addr, CONNECT_TIMEOUT_S)
+            sock = (connect_tls(addr, tls, CONNECT_TIMEOUT_S) if tls is not None
+                    else connect(addr, CONNECT_TIMEOUT_S))
             self._closers.append(sock.close)
-            send = lambda bufs: sendmsg_all(sock, bufs)  # noqa: E731
+            send = _main_sender(sock)
             self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
 
@@ -440,6 +450,40 @@ class MigrationSource:
         s.total = self.machine.total_ram()
         s.mbps = self._meter.mbps()
 
+    def _root_cause(self, exc: BaseException) -> str:
+        """The error to report: a failed multifd channel is the cause, a main-stream error
+        it provoked at the destination only the fallout; a channel reset that no thread
+        has read yet is named too."""
+        text = _describe(exc)
+        if isinstance(exc, MigrationCancelled):
+            return text
+        main = self._main_sock
+        if main is not None and "main channel" not in text:
+            # a failing destination resets main; only a clean close (FIN) is a cause
+            import socket
+
+            try:
+                if main.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    return f"the destination closed the main channel (then: {text})"
+            except OSError:
+                pass
+        sender = self._sender
+        if sender is None:
+            return text
+        if sender.error is not None and str(sender.error) not in text:
+            return f"{sender.error} (then: {text})"
+        if sender.error is None:
+            import socket
+
+            for ch in sender.channels:
+                try:
+                    ch.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except (ConnectionResetError, BrokenPipeError) as err:
+                    return f"{text} (multifd channel {ch.id}: {err.strerror or err})"
+                except OSError:
+                    continue
+        return text
+
     def _phase(self, name: str) -> None:
         if self.on_phase is not None:
             self.on_phase(name)
@@ -535,6 +579,19 @@ class MigrationSource:
                 c()
             except Exception:
                 pass
+
+
+def _main_sender(sock: Any) -> Callable[[Sequence[Any]], None]:
+    """Main-stream send that names the main channel in its errors."""
+
+    def send(bufs: Sequence[Any]) -> None:
+        try:
+            sendmsg_all(sock, bufs)
+        except OSError as exc:
+            what = exc.strerror or str(exc) or type(exc).__name__
+            raise ConnectionError(f"main channel: {what}") from exc
+
+    return send
 
 
 def _shutdown(sock: Any) -> None:
