@@ -25,7 +25,7 @@ from tests.faults._cell import run_cell
 
 # What the error text (source's or destination's) must mention for each fault kind.
 CAUSE = {
-    "reset-channel": ["channel {n}"],
+    "reset-channel": ["channel {n}", "reset by peer"],
     "stall-channel": ["stall", "channel {n}"],
     "close-main": ["main channel", "QEMU_VM_EOF", "closed"],
     "kill-destination": ["reset", "Broken pipe", "closed"],

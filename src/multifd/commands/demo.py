@@ -57,12 +57,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-state-via", choices=("multifd", "main"), default="multifd",
                    help="device state over the multifd channels or the main stream")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from multifd.transport.tls import add_tls_arguments
+
+    add_tls_arguments(p)
+    p.add_argument("--inject-fault", metavar="SPEC",
+                   help="run one fault cell through a fault proxy, e.g. kill-destination@iterate,"
+                        " reset-channel:1@switchover, stall-channel:0@iterate, close-main@setup;"
+                        " then retry to a fresh destination (see multifd.testing.faults)")
+    p.add_argument("--fault-phase", help=argparse.SUPPRESS)
     p.add_argument("--role", choices=("source", "destination"), help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
 
 
 def _params(args: argparse.Namespace) -> Any:
     from multifd.migration.params import MigrationCapabilities, MigrationParameters
+    from multifd.transport.tls import tls_params
 
     params = MigrationParameters()
     params.set({
@@ -70,6 +79,7 @@ def _params(args: argparse.Namespace) -> Any:
         "multifd-compression": args.compression,
         "downtime-limit": args.downtime_limit,
         "max-bandwidth": args.max_bandwidth,
+        **tls_params(args),
     })
     caps = MigrationCapabilities()
     caps.set([{"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
@@ -141,7 +151,8 @@ def _source(args: argparse.Namespace) -> int:
 
 
 # -- parent --------------------------------------------------------------------------------
-def _child(args: argparse.Namespace, role: str, uri: str | None = None) -> subprocess.Popen[str]:
+def _child(args: argparse.Namespace, role: str, uri: str | None = None,
+           extra: list[str] | None = None, stdin: Any = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "multifd.commands.demo", "--role", role,
            "--ram", str(args.ram), "--channels", str(args.channels),
            "--compression", args.compression, "--profile", args.profile,
@@ -152,7 +163,12 @@ def _child(args: argparse.Namespace, role: str, uri: str | None = None) -> subpr
         cmd += ["--device-state", str(args.device_state)]
     if uri:
         cmd += ["--uri", uri]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    from multifd.transport.tls import tls_argv
+
+    cmd += tls_argv(args)
+    cmd += extra or []
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin, text=True,
+                            env=os.environ.copy())
 
 
 def _read_events(proc: subprocess.Popen[str], sink: list[dict[str, Any]],
@@ -180,7 +196,15 @@ def run(args: argparse.Namespace) -> int:
     if args.role == "destination":
         return _destination(args)
     if args.role == "source":
+        if getattr(args, "fault_phase", None):
+            from multifd.testing.demo_faults import faulted_source
+
+            return faulted_source(args)
         return _source(args)
+    if getattr(args, "inject_fault", None):
+        from multifd.testing.demo_faults import run_fault_cell
+
+        return run_fault_cell(args)
     return _parent(args)
 
 

@@ -14,6 +14,7 @@ import time
 
 from multifd.migration.profile import PROFILES, get_profile
 from multifd.qemu.peer import DEFAULT_TIMEOUT_S, PeerError, parse_uuid, receive_from_qemu
+from multifd.transport.tls import TlsConfig, add_tls_arguments
 
 UUID_HELP = ("UUID of the multifd init packets; it must equal the peer QEMU's -uuid (QEMU "
              "compares them; all zeros without -uuid). Default: the uuid subsection of the "
@@ -35,6 +36,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"bound on every wait, seconds (default {DEFAULT_TIMEOUT_S:g})")
+    add_tls_arguments(parser)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         image, stats = receive_from_qemu(
             args.uri, profile=get_profile(args.profile), channels=args.channels,
             compression=args.compression, uuid=uuid, timeout=args.timeout,
-            on_listen=_listening)
+            on_listen=_listening, tls=TlsConfig.from_args(args))
         with image:
             from multifd.qemu.image import write_image
 

@@ -15,6 +15,7 @@ from multifd.commands.incoming import add_common
 from multifd.migration.profile import get_profile
 from multifd.qemu.image import ImageError, read_image
 from multifd.qemu.peer import PeerError, migrate_to_qemu, parse_uuid
+from multifd.transport.tls import TlsConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         with read_image(args.image) as image:
             stats = migrate_to_qemu(image, args.uri, profile=profile, channels=args.channels,
                                     compression=args.compression, uuid=uuid,
-                                    timeout=args.timeout)
+                                    timeout=args.timeout, tls=TlsConfig.from_args(args))
     except (PeerError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

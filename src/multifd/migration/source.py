@@ -25,6 +25,7 @@ was running before, and its state is untouched (the source only ever reads it).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -539,6 +540,7 @@ class MigrationSource:
                                       f"main channel {exc.strerror or exc}") from exc
             if n == 0:
                 self._check_cancel()  # our own shutdown (migrate_cancel) reads as EOF too
+                _check_fin_after_data(sock)
                 return
 
     def _check_cancel(self) -> None:
@@ -568,6 +570,15 @@ class MigrationSource:
                 shut()
             except OSError:
                 pass
+        if self._main_sock is not None:  # reset, not FIN: see Sender.abort
+            import socket
+            import struct
+
+            try:
+                self._main_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         self._close_io(clean=False)
 
     def _close_io(self, clean: bool) -> None:
@@ -579,6 +590,29 @@ class MigrationSource:
                 c()
             except Exception:
                 pass
+
+
+def _check_fin_after_data(sock: Any) -> None:
+    """The destination's FIN confirms only if it came after all our data: a peer that
+    closed (died) first answers our last bytes with a reset (SO_ERROR) or leaves them
+    unacknowledged (SIOCOUTQ > 0)."""
+    import fcntl
+    import socket
+    import struct
+    import termios
+
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise ConnectionError(f"the destination closed the main channel before reading the "
+                              f"end of the stream ({os.strerror(err)})")
+    try:
+        unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                 b"\0" * 4))[0]
+    except OSError:
+        return
+    if unacked:
+        raise ConnectionError(f"the destination closed the main channel with {unacked} bytes "
+                              "of the stream not received")
 
 
 def _main_sender(sock: Any) -> Callable[[Sequence[Any]], None]:

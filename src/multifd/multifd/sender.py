@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,13 @@ from multifd.wire.constants import PacketLayout
 from multifd.wire.packet import InitPacket, RamPacketEncoder
 
 _WAIT_SLICE = 0.1  # seconds between abort checks in bounded waits
+
+
+def _linger_zero(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 class SendChannel:
@@ -206,6 +214,8 @@ class Sender:
         channel thread, close the sockets. Idempotent."""
         self._fail(MultifdError(f"multifd sender aborted: {reason}"))
         self._join(None)
+        for ch in self.channels:  # close with RST: a FIN queued behind unsent data never
+            _linger_zero(ch.sock)  # reaches a peer that stopped reading; a reset does
         self._close_sockets()
 
     def close(self, timeout: float = 30.0) -> None:

@@ -56,6 +56,13 @@ from multifd.qemu.image import (
 from multifd.transport.channels import ChannelError, accept_channels, connect_channels
 from multifd.transport.exec import open_stream
 from multifd.transport.sockets import Listener, connect, sendmsg_all
+from multifd.transport.tls import (
+    TlsConfig,
+    accept_tls,
+    accept_tls_channels,
+    connect_tls,
+    connect_tls_channels,
+)
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri
 from multifd.wire.constants import PacketLayout, SectionType, page_count
 from multifd.wire.errors import WireError
@@ -199,9 +206,15 @@ class _Incoming:
             with Listener(addr) as listener:
                 if on_listen is not None:
                     on_listen(str(listener.address))
-                if self.n:
+                tls = getattr(self, "tls", None)  # TLS: channels by connection order
+                if self.n and tls is not None:
+                    self.main, self.chan_socks = accept_tls_channels(
+                        listener, self.n, tls, self.timeout)
+                elif self.n:
                     self.main, self.chan_socks = accept_channels(
                         listener, self.n, self.profile.name, self.timeout)
+                elif tls is not None:
+                    self.main = accept_tls(listener, tls, self.timeout)
                 else:
                     self.main = listener.accept(self.timeout)
             self.main.settimeout(self.timeout)
@@ -248,6 +261,7 @@ def receive_from_qemu(
     uuid: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     on_listen: Callable[[str], None] | None = None,
+    tls: TlsConfig | None = None,
 ) -> tuple[VmImage, TransferStats]:
     """Be the destination of a QEMU migration on `uri`; return the recorded image.
 
@@ -259,6 +273,7 @@ def receive_from_qemu(
     _check_options(channels, compression)
     t0 = time.monotonic()
     inc = _Incoming(profile, channels, compression, uuid, timeout)
+    inc.tls = tls  # type: ignore[attr-defined]
     try:
         img = inc.run(uri, on_listen)
     except WireError as e:
@@ -323,13 +338,18 @@ class _Outgoing:
     def open(self, uri: str) -> None:
         addr = parse_uri(uri)
         if isinstance(addr, TcpAddress | UnixAddress):
-            if self.n:
+            tls = getattr(self, "tls", None)
+            if self.n and tls is not None:
+                self.sock, chans = connect_tls_channels(addr, self.n, tls, self.timeout)
+            elif self.n:
                 self.sock, chans = connect_channels(addr, self.n, self.profile.name,
                                                     self.timeout)
                 self.sender = Sender(chans, uuid=self.uuid, layout=self.profile.layout,
                                      compression=self.compression,
                                      zero_page_detection=self.profile.zero_pages_in_multifd)
                 self.sender.start()
+            elif tls is not None:
+                self.sock = connect_tls(addr, tls, self.timeout)
             else:
                 self.sock = connect(addr, self.timeout)
             self.sock.settimeout(self.timeout)
@@ -454,6 +474,7 @@ def migrate_to_qemu(
     compression: str = "none",
     uuid: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    tls: TlsConfig | None = None,
 ) -> TransferStats:
     """Be the source towards a QEMU destination listening on `uri`; send `image`.
 
@@ -465,6 +486,7 @@ def migrate_to_qemu(
     want = resolve_uuid(uuid, image.uuid)
     t0 = time.monotonic()
     out = _Outgoing(image, profile, channels, compression, want, timeout)
+    out.tls = tls  # type: ignore[attr-defined]
     hint = (f" (check the destination's multifd-channels = {channels}, "
             f"multifd-compression = {compression}, -uuid = {_uuid_text(want)}, "
             f"machine type = {image.machine})")

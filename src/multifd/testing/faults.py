@@ -122,17 +122,22 @@ class _Conn:
         self.outcome = ""
         self._prefix = bytearray()
         self._commands: list[str] = []
+        self._applied = threading.Event()  # set once the last command took effect
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.thread = threading.Thread(target=self._run, name=f"faultproxy-{index}",
                                        daemon=True)
 
-    def command(self, what: str) -> None:
+    def command(self, what: str, wait: float = 0.0) -> None:
+        """Queue `what` for the relay thread; wait up to `wait` s until it took effect."""
         with self._lock:
             self._commands.append(what)
+            done = self._applied = threading.Event()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
+        if wait and self.thread.is_alive():
+            done.wait(wait)
 
     def _identify(self, data: bytes) -> None:
         if self.name is not None:
@@ -164,6 +169,9 @@ class _Conn:
             while True:
                 with self._lock:
                     cmds, self._commands = self._commands, []
+                    applied = self._applied if cmds else None
+                if applied is not None and "stall" in cmds:
+                    applied.set()
                 for cmd in cmds:
                     if cmd in ("reset", "kill"):
                         self.outcome = cmd
@@ -199,6 +207,12 @@ class _Conn:
                         self._wake_r.recv(4096)
                 fa = events.get(a.fileno(), 0)
                 fb = events.get(b.fileno(), 0)
+                if (fa | fb) & select.POLLERR:  # a reset on one leg resets the other
+                    self.outcome = "reset by " + ("source" if fa & select.POLLERR
+                                                  else "destination")
+                    _rst(a)
+                    _rst(b)
+                    return
                 if stalled and fa & (select.POLLERR | select.POLLHUP | _RDHUP):
                     self.outcome = "reset"  # the source gave up on the stalled channel
                     _rst(a)
@@ -266,6 +280,7 @@ class _Conn:
             _rst(b)
             raise
         finally:
+            self._applied.set()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -365,8 +380,8 @@ class FaultProxy:
             conn = next((c for c in self.conns if c.name == name), None)
             if conn is None:
                 self._armed.append((name, cmd))
-        if conn is not None:
-            conn.command(cmd)
+        if conn is not None:  # synchronous: the fault is in place when we return
+            conn.command(cmd, wait=2.0)
 
     def reset_channel(self, n: int) -> None:
         self._command(f"multifd:{n}", "reset")
@@ -384,7 +399,7 @@ class FaultProxy:
             self._refuse = True
             conns = list(self.conns)
         for c in conns:
-            c.command("kill")
+            c.command("kill", wait=2.0)
 
     def inject(self, fault: Fault) -> None:
         """Apply `fault` now (kill-* are simulated with `reset_all`)."""

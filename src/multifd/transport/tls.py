@@ -54,6 +54,7 @@ __all__ = [
     "TlsSocket",
     "accept_tls",
     "accept_tls_channels",
+    "add_tls_arguments",
     "authz_allows",
     "client_context",
     "connect_tls",
@@ -61,6 +62,8 @@ __all__ = [
     "parse_authz",
     "peer_identity",
     "server_context",
+    "tls_argv",
+    "tls_params",
     "wrap_client",
     "wrap_server",
 ]
@@ -288,6 +291,8 @@ class TlsSocket(ssl.SSLSocket):
 
     def _read_into(self, view: memoryview) -> int:
         if self._eof_seen:
+            if self._shutdown_timed_out:
+                raise TimeoutError("the peer did not close the TLS session in time")
             return 0
         try:
             n = self.read(len(view), view)
@@ -350,6 +355,23 @@ class TlsSocket(ssl.SSLSocket):
             if len(view):
                 return self._read_into(view), [], 0, None
         return 0, [], 0, None
+
+    _shutdown_timed_out = False
+
+    def shutdown(self, how: int) -> None:
+        """``SHUT_WR`` is a TLS half-close: send close_notify, then wait (the socket's
+        timeout) for the peer to end too; later reads return EOF, or raise TimeoutError
+        when the peer did not end in time. Other modes drop the session at once."""
+        if how != socket.SHUT_WR or self._sslobj is None:
+            super().shutdown(how)
+            return
+        try:
+            self.unwrap()
+        except TimeoutError:
+            self._shutdown_timed_out = True
+        except (OSError, ValueError):
+            pass  # the peer is already gone: that is the end we were waiting for
+        self._eof_seen = True
 
     def close_clean(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Send close_notify and wait (bounded) for the peer's, then close the socket."""
@@ -443,6 +465,14 @@ class TlsConfig:
             return None
         return cls(Path(creds), params.get("tls-hostname") or "",
                    parse_authz(params.get("tls-authz") or ""))
+
+    @classmethod
+    def from_args(cls, args: Any) -> TlsConfig | None:
+        """From `add_tls_arguments` options; None without ``--tls-creds``."""
+        p = tls_params(args)
+        if not p["tls-creds"]:
+            return None
+        return cls(Path(p["tls-creds"]), p["tls-hostname"], parse_authz(p["tls-authz"]))
 
     def peer_hostname(self, addr: Address) -> str:
         """``tls-hostname``, else the URI's host (QEMU's default); unix: needs the former."""
@@ -544,3 +574,34 @@ def accept_tls_channels(listener: Listener, n_multifd: int, tls: TlsConfig,
                   "channels", n_multifd)
         extra.close()
     return got[0], got[1:]
+
+
+# -- command-line options ------------------------------------------------------------------
+def add_tls_arguments(parser: Any) -> None:
+    """``--tls-creds DIR [--tls-hostname NAME] [--tls-authz NAME,...]`` (QEMU's names)."""
+    parser.add_argument("--tls-creds", metavar="DIR", default="",
+                        help="TLS on every channel; DIR holds ca-cert.pem, server-cert.pem/"
+                             "server-key.pem, client-cert.pem/client-key.pem (QEMU layout)")
+    parser.add_argument("--tls-hostname", metavar="NAME", default="",
+                        help="name the destination's certificate must carry (default: "
+                             "the URI's host)")
+    parser.add_argument("--tls-authz", metavar="NAME,...", default="",
+                        help="destination: only clients whose certificate CN (or full DN, "
+                             "';'-separated) is listed")
+
+
+def tls_params(args: Any) -> dict[str, str]:
+    """The ``tls-*`` migration parameters from parsed `add_tls_arguments` options."""
+    creds = getattr(args, "tls_creds", "") or ""
+    return {"tls-creds": str(Path(creds).resolve()) if creds else "",
+            "tls-hostname": getattr(args, "tls_hostname", "") or "",
+            "tls-authz": getattr(args, "tls_authz", "") or ""}
+
+
+def tls_argv(args: Any) -> list[str]:
+    """The same options as argv, to hand to a child process."""
+    out: list[str] = []
+    for key, value in tls_params(args).items():
+        if value:
+            out += [f"--{key}", value]
+    return out

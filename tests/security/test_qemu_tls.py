@@ -1,0 +1,114 @@
+"""TLS interop with QEMU 7.2's tls-creds-x509, multifd on, both directions.
+
+QEMU (source, endpoint=client, verify-peer=on) -> `multifd incoming --tls-creds` records
+an image; `multifd migrate --tls-creds` replays it into a QEMU destination
+(endpoint=server, verify-peer=on: it demands our client certificate). The same
+directory, made by tests/security/certs.py, serves both ends. The guest pattern must
+arrive intact. Needs qemu-system-x86_64 (QEMU 7.2), like tests/qemu.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from multifd.qemu.qemuproc import QemuProcess
+from tests.conftest import PATTERN_OFFSET, Q72
+from tests.qemu.conftest import Incoming, qemu_binary, run_cli, set_multifd
+from tests.security.certs import make_creds
+
+pytestmark = pytest.mark.qemu
+PATTERN = Q72 / "pattern-4MiB.bin"
+
+
+def _vm(name: str, creds: Path, endpoint: str, *, pattern: bool = False,
+        incoming: str | None = None) -> QemuProcess:
+    qemu_binary("7.2")
+    extra = ["-object", f"tls-creds-x509,id=tls0,dir={creds},endpoint={endpoint},"
+                        "verify-peer=on"]
+    if pattern:
+        extra += ["-device", f"loader,file={PATTERN},addr={PATTERN_OFFSET:#x}"]
+    vm = QemuProcess(extra, version="7.2", name=name, machine="pc", memory_mib=64,
+                     incoming=incoming, start_timeout=20, cmd_timeout=10)
+    return vm.start()
+
+
+def test_qemu72_tls_record_and_replay(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    make_creds(creds)
+    pattern = PATTERN.read_bytes()
+    image = tmp_path / "tls.img"
+    # QEMU source -> multifd incoming, over TLS, 2 multifd channels.
+    src = _vm("src", creds, "client", pattern=True)
+    try:
+        set_multifd(src, 2, "none")
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tls0",
+                                             "tls-hostname": "localhost"})
+        inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", "qemu-7.2",
+                       "--channels", "2", "--timeout", "20", "--tls-creds", str(creds),
+                       "--tls-authz", "multifd-source")
+        try:
+            src.migrate(inc.uri)
+            src.wait_migration(timeout=30)
+        except BaseException:
+            inc.proc.kill()
+            inc.finish(5)
+            raise
+        summary = inc.result()
+        assert summary["pages"]["normal"] >= 768 and summary["channels"] == 2, summary
+    finally:
+        src.close()
+    # multifd migrate -> QEMU destination, over TLS, 2 multifd channels.
+    dst = _vm("dst", creds, "server", incoming="defer")
+    try:
+        set_multifd(dst, 2, "none")
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        uri = f"unix:{tmp_path}/out.sock"
+        dst.migrate_incoming(uri)
+        res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "2",
+                      "--json", "--timeout", "20", "--tls-creds", str(creds),
+                      "--tls-hostname", "localhost")
+        assert res.returncode == 0, f"multifd migrate failed: {res.stderr}"
+        dst.wait_migration(timeout=30)
+        got = dst.pmemsave(PATTERN_OFFSET, len(pattern))
+        assert got == pattern
+    finally:
+        dst.close()
+
+
+def test_qemu72_refuses_our_client_from_another_ca(tmp_path: Path) -> None:
+    """QEMU's verify-peer=on destination refuses a client cert its CA did not sign."""
+    good, stranger = tmp_path / "good", tmp_path / "stranger"
+    ca = make_creds(good)
+    make_creds(stranger, ca=ca, client_ca=None)
+    from tests.security.certs import make_ca, make_leaf
+
+    cert, key = make_leaf(make_ca("stranger CA"), "intruder", server=False)
+    (stranger / "client-cert.pem").write_bytes(cert)
+    (stranger / "client-key.pem").write_bytes(key)
+    image = tmp_path / "x.img"
+    src = _vm("src", good, "client", pattern=True)
+    try:
+        set_multifd(src, 1, "none")
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+        inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", "qemu-7.2",
+                       "--channels", "1", "--timeout", "20", "--tls-creds", str(good))
+        src.migrate(inc.uri)
+        src.wait_migration(timeout=30)
+        inc.result()
+    finally:
+        src.close()
+    dst = _vm("dst", good, "server", incoming="defer")
+    try:
+        set_multifd(dst, 1, "none")
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        uri = f"unix:{tmp_path}/out.sock"
+        dst.migrate_incoming(uri)
+        res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "1",
+                      "--timeout", "10", "--tls-creds", str(stranger),
+                      "--tls-hostname", "localhost")
+        assert res.returncode != 0
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    finally:
+        dst.close()
