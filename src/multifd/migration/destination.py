@@ -190,6 +190,11 @@ class MigrationDestination:
                 self._await_channels_closed()
                 self.receiver.close()
             self.machine.finish_incoming()
+            if isinstance(self._main, socket.socket) and _peer_gone(self._main):
+                # The source gave up waiting for our close (it resumes its machine): running
+                # here too would leave two copies running.
+                raise ConnectionError("the source abandoned the migration before the "
+                                      "destination finished loading")
             self.t_end = time.monotonic()
             self._set_status(MigrationStatus.COMPLETED)
             if self.source_runstate in (None, "running") and self._autostart():

@@ -183,11 +183,19 @@ class QemuProcess:
 
             threading.Thread(target=watchdog, daemon=True, name=f"qmp-watchdog-{self.name}").start()
             try:
-                qmp = QEMUMonitorProtocol(str(self.qmp_path), nickname=self.name)
-                qmp.connect()
-            except Exception as exc:
-                raise QemuError(f"QMP connect to {self.name} failed: {exc}"
-                                f"{self._log_tail()}") from exc
+                while True:
+                    qmp = QEMUMonitorProtocol(str(self.qmp_path), nickname=self.name)
+                    try:
+                        qmp.connect()
+                        break
+                    except Exception as exc:
+                        # The socket file exists from bind() on; listen() may come later.
+                        refused = "Connection refused" in str(exc)
+                        if not refused or time.monotonic() > deadline or (
+                                self.proc.poll() is not None):
+                            raise QemuError(f"QMP connect to {self.name} failed: {exc}"
+                                            f"{self._log_tail()}") from exc
+                        time.sleep(0.02)
             finally:
                 done.set()
             qmp.settimeout(self.cmd_timeout)

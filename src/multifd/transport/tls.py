@@ -22,8 +22,9 @@ handshake before opening the multifd channels, which is what both QEMU 7.2 and 1
 `TlsSocket` gives the ``socket.socket`` calls the multifd core makes (gather ``sendmsg``,
 ``recv_into`` with ``MSG_WAITALL``, scatter ``recvmsg_into``) a TLS implementation, so the
 core needs no TLS branches. It never falls back to plaintext once the session is gone,
-closes with a close_notify (bounded wait; QEMU 10 terminates cleanly too), and treats an
-EOF without close_notify as end of stream, as QEMU 7.2 sources never send one.
+closes with a close_notify (without waiting for the peer's; QEMU 10 terminates cleanly
+too), and treats an EOF without close_notify as end of stream, as QEMU 7.2 sources never
+send one.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
 HANDSHAKE_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 1.0
 STALL_TIMEOUT_S = 5.0  # a write making no progress this long: dead or stalled peer
 _COALESCE = 64 * 1024  # smaller buffers are joined so one SSL_write fills whole records
 
@@ -305,14 +305,10 @@ class TlsSocket(ssl.SSLSocket):
         return n
 
     def _answer_eof(self) -> None:
-        """The peer ended the stream: answer its close_notify at once, so a peer waiting
-        for ours (a clean close) is not held up until its timeout."""
+        """The peer ended the stream; later reads return EOF too. No close_notify is sent
+        back: the peer does not wait for one (see `close_clean`), and bytes sent to a
+        peer that has closed would only turn its clean close into a reset."""
         self._eof_seen = True
-        try:
-            self.settimeout(CLOSE_TIMEOUT_S)
-            self.unwrap()
-        except (OSError, ValueError):
-            pass
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """``MSG_WAITALL`` fills ``nbytes`` (or stops at EOF); other flags are refused."""
@@ -373,14 +369,20 @@ class TlsSocket(ssl.SSLSocket):
             pass  # the peer is already gone: that is the end we were waiting for
         self._eof_seen = True
 
-    def close_clean(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Send close_notify and wait (bounded) for the peer's, then close the socket."""
+    def close_clean(self) -> None:
+        """Send close_notify without waiting for the peer's, then close the socket.
+
+        Non-blocking SSL_shutdown: the first step queues close_notify, the second reads
+        whatever records are already here (e.g. TLS 1.3 session tickets, which would
+        otherwise sit unread and make close() reset the connection) and stops at
+        "want read" instead of waiting for an answer nobody needs.
+        """
         if self._sslobj is not None and self.fileno() >= 0:
             try:
-                self.settimeout(timeout)
+                self.setblocking(False)
                 self.unwrap()
             except (OSError, ValueError):
-                pass  # the peer left first or never answers: an abrupt close is fine
+                pass  # "want read", or the peer already left: both are fine here
         super().close()
 
     def close(self) -> None:
@@ -509,7 +511,13 @@ def connect_tls(addr: TcpAddress | UnixAddress, tls: TlsConfig,
 
 def connect_tls_channels(addr: TcpAddress | UnixAddress, n_multifd: int, tls: TlsConfig,
                          timeout: float) -> tuple[TlsSocket, list[TlsSocket]]:
-    """Main first (handshake done), then ``n_multifd`` channels, each its own session."""
+    """Main first (handshake done), then ``n_multifd`` channels, each its own session.
+
+    A channel's handshake runs on its first write, in its own sender thread, right before
+    its MultiFDInit_t, as QEMU's sources do: a QEMU 7.2 destination reads each channel's
+    init packet in its main loop, blocking the next channel's handshake until it arrives.
+    Handshake and verification errors therefore surface from the first send.
+    """
     if not 0 <= n_multifd <= 255:
         raise ValueError(f"n_multifd must be between 0 and 255, got {n_multifd}")
     ctx = tls.client()
@@ -522,7 +530,14 @@ def connect_tls_channels(addr: TcpAddress | UnixAddress, n_multifd: int, tls: Tl
             if left <= 0:
                 raise TimeoutError(f"connecting multifd channels to {addr}: {i} of "
                                    f"{n_multifd} up after {timeout:g} s")
-            chans.append(connect_tls(addr, tls, left, ctx, f"multifd channel {i}"))
+            sock = connect(addr, left)
+            try:  # handshake deferred to the channel thread's first write (see above)
+                chans.append(ctx.wrap_socket(sock, server_side=False,  # type: ignore[arg-type]
+                                             server_hostname=tls.peer_hostname(addr),
+                                             do_handshake_on_connect=False))
+            except BaseException:
+                sock.close()
+                raise
     except BaseException:
         for s in chans:
             super(TlsSocket, s).close()
