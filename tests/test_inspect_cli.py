@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from multifd.commands import inspect as cmd
-from tests.conftest import CAPTURES, PATTERN_OFFSET
+from tests.conftest import CAPTURES, PATTERN_OFFSET, Q72
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -98,3 +98,23 @@ def test_module_entry_point(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr == f"error: unknown section type (type=9), at byte 15 of {p}\n"
+
+
+def test_stream_cut_inside_the_device_sections(capsys, tmp_path):
+    src = Q72 / "file-stream" / "file-stream.bin"
+    data = src.read_bytes()
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(data[: len(data) - 7000])  # inside the vmdesc JSON
+    assert cmd.main([str(cut)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "device sections" in err[0] and str(cut) in err[0]
+
+
+def test_stream_from_a_pipe(tmp_path):
+    src = Q72 / "file-stream" / "file-stream.bin"
+    out = subprocess.run(
+        f"cat {src} | {sys.executable} -m multifd.commands.inspect /dev/stdin --json",
+        shell=True, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["machine"] == "pc-i440fx-7.2"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import mmap
 import os
+import stat
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -232,6 +233,11 @@ def load_input(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
                 data = gz.read(MAX_GUNZIP + 1)
             if len(data) > MAX_GUNZIP:
                 raise OSError(f"{p}: unpacked gzip stream is too large")
+            return data
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe: read it, bounded
+            data = head + f.read(MAX_GUNZIP + 1)
+            if len(data) > MAX_GUNZIP:
+                raise OSError(f"{p}: stream from a pipe is too large (read it from a file)")
             return data
         if p.stat().st_size == 0:
             return b""
@@ -494,6 +500,11 @@ def _set_devices(result: InspectResult, vmdesc: dict[str, Any]) -> None:
 def _split_tail(tail: bytes, base: int, result: InspectResult) -> None:
     found = find_vmdesc(tail)
     if found is None:
+        # QEMU ends a stream with EOF (0x00), then the vmdesc unless suppress-vmdesc is on:
+        # a tail that ends in neither was cut short.
+        if not tail.endswith(b"\x00"):
+            raise Truncated("stream ended inside the device sections (no QEMU_VM_EOF or "
+                            "VMDESCRIPTION at its end)", offset=base + len(tail))
         return
     off, vmdesc = found
     result.vmdesc_size = len(tail) - off - 5
