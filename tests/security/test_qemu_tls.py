@@ -67,7 +67,7 @@ def test_qemu72_tls_record_and_replay(tmp_path: Path) -> None:
         uri = f"unix:{tmp_path}/out.sock"
         dst.migrate_incoming(uri)
         res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "2",
-                      "--json", "--timeout", "8", "--tls-creds", str(creds),
+                      "--json", "--timeout", "20", "--tls-creds", str(creds),
                       "--tls-hostname", "localhost")
         assert res.returncode == 0, (f"multifd migrate failed: {res.stderr}; destination: "
                                      f"{dst.query_migrate()} {dst.log()[-2000:]}")

@@ -9,9 +9,13 @@ migration byte crosses the wire in clear.
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -409,3 +413,40 @@ def test_tls_config_hostname_default() -> None:
     assert TlsConfig.from_params(p) is None
     p.set({"tls-creds": "/d", "tls-hostname": "h", "tls-authz": "a,b"})
     assert TlsConfig.from_params(p) == TlsConfig(Path("/d"), "h", ("a", "b"))
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "multifd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_cli_over_tls(creds: Path) -> None:
+    """`multifd demo --tls-creds DIR --tls-authz NAME`: verified; an unlisted name fails."""
+    base = ("demo", "--ram", "16M", "--steps", "1500", "--json", "--tls-creds", str(creds))
+    ok = _cli(*base, "--tls-authz", "multifd-source")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["status"] == "completed" and report["verified"]
+    bad = _cli(*base, "--tls-authz", "someone-else")
+    assert bad.returncode != 0
+    report = json.loads(bad.stdout)  # the source reports first: TLS 1.3 tells it late
+    assert report["status"] == "failed" and not report["verified"]
+    assert "SSL" in report["error"] or "TLS" in report["error"] or "closed" in report["error"]
+
+
+@pytest.mark.parametrize("command", ["demo", "incoming", "migrate", "serve"])
+def test_tls_options_on_every_command(command: str) -> None:
+    res = _cli(command, "--help", timeout=30)
+    assert res.returncode == 0
+    for opt in ("--tls-creds", "--tls-hostname", "--tls-authz"):
+        assert opt in res.stdout, (command, opt)
+
+
+def test_serve_initial_params(creds: Path) -> None:
+    from multifd.commands.serve import _initial_params
+
+    ns = argparse.Namespace(tls_creds=str(creds), tls_hostname="h", tls_authz="a,b")
+    p = _initial_params(ns)
+    assert TlsConfig.from_params(p) == TlsConfig(creds.resolve(), "h", ("a", "b"))
+    assert _initial_params(argparse.Namespace(tls_creds="", tls_hostname="",
+                                              tls_authz="")) is None

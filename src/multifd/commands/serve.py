@@ -45,6 +45,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-S", dest="paused", action="store_true",
                    help="do not start the machine; a destination stays paused after "
                         "migrating (QEMU's -S)")
+    from multifd.transport.tls import add_tls_arguments
+
+    add_tls_arguments(p)  # initial tls-* migration parameters (QMP can change them)
+
+
+def _initial_params(args: argparse.Namespace) -> Any:
+    """Migration parameters with the command line's tls-* values (None: QMP defaults)."""
+    from multifd.migration.params import MigrationParameters
+    from multifd.transport.tls import tls_params
+
+    tls = tls_params(args)
+    if not tls["tls-creds"]:
+        return None
+    params = MigrationParameters()
+    params.set(tls)
+    return params
 
 
 class _Workload:
@@ -110,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = serve_qmp(machine, args.qmp, incoming_defer=incoming,
                            autostart=not args.paused, profile=args.profile,
-                           fresh_ram=incoming)
+                           fresh_ram=incoming, params=_initial_params(args))
         server.register("x-query-workload", workload.info)
         quit_event = server.quit_requested
 

@@ -438,12 +438,13 @@ class MigrationSource:
         s.transferred = s.main_bytes + s.multifd_bytes
         if self._ram is not None:
             c = self._ram.counters
+            # duplicate: zero pages found here (main-stream ZERO records, or never-sent
+            # zero pages skipped for a fresh destination) plus those the channels found.
+            s.duplicate = c.duplicate + zero_mfd
             if self._sender is not None and self.profile.zero_pages_in_multifd:
                 s.normal = normal_mfd
-                s.duplicate = zero_mfd
             else:
                 s.normal = c.normal
-                s.duplicate = c.duplicate + zero_mfd
             s.normal_bytes = s.normal * self._ram.page_size
             s.dirty_sync_count = c.dirty_sync_count
             s.remaining = (0 if self.status.is_final() else

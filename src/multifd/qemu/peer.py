@@ -339,11 +339,12 @@ class _Outgoing:
         addr = parse_uri(uri)
         if isinstance(addr, TcpAddress | UnixAddress):
             tls = getattr(self, "tls", None)
-            if self.n and tls is not None:
-                self.sock, chans = connect_tls_channels(addr, self.n, tls, self.timeout)
-            elif self.n:
-                self.sock, chans = connect_channels(addr, self.n, self.profile.name,
-                                                    self.timeout)
+            if self.n:
+                if tls is not None:
+                    self.sock, chans = connect_tls_channels(addr, self.n, tls, self.timeout)
+                else:
+                    self.sock, chans = connect_channels(addr, self.n, self.profile.name,
+                                                        self.timeout)
                 self.sender = Sender(chans, uuid=self.uuid, layout=self.profile.layout,
                                      compression=self.compression,
                                      zero_page_detection=self.profile.zero_pages_in_multifd)

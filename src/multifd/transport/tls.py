@@ -301,10 +301,10 @@ class TlsSocket(ssl.SSLSocket):
         except ssl.SSLZeroReturnError:
             n = 0
         if n == 0 and len(view):
-            self._answer_eof()
+            self._mark_eof()
         return n
 
-    def _answer_eof(self) -> None:
+    def _mark_eof(self) -> None:
         """The peer ended the stream; later reads return EOF too. No close_notify is sent
         back: the peer does not wait for one (see `close_clean`), and bytes sent to a
         peer that has closed would only turn its clean close into a reset."""
