@@ -119,6 +119,8 @@ class _Conn:
         self.name: str | None = None  # "main" or "multifd:N" once identified
         self.bytes_up = 0  # source -> destination, forwarded
         self.bytes_down = 0
+        # every byte the source sent, when the proxy records (a migration capture)
+        self.recorded: bytearray | None = bytearray() if proxy.record else None
         self.outcome = ""
         self._prefix = bytearray()
         self._commands: list[str] = []
@@ -232,6 +234,8 @@ class _Conn:
                         if data:
                             self._identify(data)
                             up += data
+                            if self.recorded is not None:
+                                self.recorded += data
                             if self.name is not None:
                                 self.proxy._check_armed(self)
                         else:
@@ -293,8 +297,9 @@ class FaultProxy:
     """
 
     def __init__(self, target: tuple[str, int], *, max_connections: int = 32,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, record: bool = False) -> None:
         self.target = target
+        self.record = record
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.conns: list[_Conn] = []
