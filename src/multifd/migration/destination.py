@@ -247,8 +247,13 @@ class MigrationDestination:
                 device_state_sink=self._device_state_buffer,
                 fresh_ram=self.fresh_ram,
             )
-            for c in chans:
-                self.receiver.add_channel(c, timeout=self.accept_timeout)
+            for i, c in enumerate(chans):
+                try:
+                    self.receiver.add_channel(c, timeout=self.accept_timeout)
+                except BaseException:
+                    for rest in chans[i:]:  # not owned by the receiver yet
+                        rest.close()
+                    raise
         elif tls is not None:
             self._main = accept_tls(self._listener, tls, self.accept_timeout)
         else:
