@@ -18,6 +18,7 @@ from multifd.machine.demo import (
     build_demo_machine,
     expected_checksum,
 )
+from multifd.machine.device import join_buffer
 
 RAM = 4 << 20
 STEPS = 400
@@ -191,7 +192,7 @@ def test_live_transfer_with_dirty_tracking_matches_expected() -> None:
         for _ in range(5):
             copy_round()
             for buf in sbig.save_state_buffers(False):
-                held.append((idx, bytes(buf)))
+                held.append((idx, join_buffer(buf)))
                 idx += 1
             for i, data in reversed(held):  # reversed: out of order
                 dbig.load_state_buffer(i, data, False)
@@ -201,7 +202,7 @@ def test_live_transfer_with_dirty_tracking_matches_expected() -> None:
         src.pause(timeout=5)
         w.stop(timeout=5)
         copy_round()
-        final = [bytes(b) for b in sbig.save_state_buffers(True)]
+        final = [join_buffer(b) for b in sbig.save_state_buffers(True)]
         for j, data in enumerate(final):
             dbig.load_state_buffer(idx + j, data, j == len(final) - 1)
         loader.join(10)

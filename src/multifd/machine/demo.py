@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -242,14 +243,21 @@ class BigStateDevice(Device):
         parts = [self._encode(int(c)) for c in self._take_dirty(per_call)]
         return b"".join(parts), self.pending() == 0
 
-    def save_state_buffers(self, final: bool) -> Iterator[bytes]:
-        """One buffer per dirty chunk (a fresh bytearray each); ``final`` ends with config."""
+    def _parts(self, chunk: int) -> tuple[bytes, memoryview]:
+        """A chunk as (record header, view of the state): sent by gather, never copied.
+        A chunk changed while it is on the wire is dirty again and goes once more."""
+        off = chunk * self.chunk_size
+        length = min(self.chunk_size, self.size - off)
+        return self._REC.pack(off, length), memoryview(self.data[off : off + length])
+
+    def save_state_buffers(self, final: bool) -> Iterator[Any]:
+        """One buffer per dirty chunk; ``final`` ends with the config."""
         for chunk in self._take_dirty(None):
-            yield self._encode(int(chunk))
+            yield self._parts(int(chunk))
         if final:
             # Anything re-dirtied meanwhile (cannot happen while paused, but stay exact).
             for chunk in self._take_dirty(None):
-                yield self._encode(int(chunk))
+                yield self._parts(int(chunk))
             yield self._config()
 
     def save_state(self) -> bytes:

@@ -25,6 +25,7 @@ import abc
 import hashlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["BytesDevice", "Device", "DeviceStateError", "StateBufferQueue"]
 
@@ -82,9 +83,11 @@ class Device(abc.ABC):
         """True if the bulk state should travel as multifd device-state packets."""
         return False
 
-    def save_state_buffers(self, final: bool) -> Iterator[bytes]:
+    def save_state_buffers(self, final: bool) -> Iterator[Any]:
         """Cut (dirty) state into non-empty buffers; runs on a pool worker.
 
+        A buffer is bytes-like, or a tuple of bytes-like parts that travel as one buffer
+        (gathered by the channel, never joined: hand out views of your memory, no copy).
         With ``final=True`` (machine paused) it yields everything left and at least one
         buffer; the last one is sent flagged CONFIG_STATE.
         """
@@ -118,6 +121,14 @@ class Device(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.idstr!r}/{self.instance_id} v{self.version_id}>"
+
+
+def join_buffer(buf: Any) -> bytes:
+    """One device-state buffer as contiguous bytes (parts joined), for in-process users;
+    the migration engine sends the parts by gather instead."""
+    if isinstance(buf, tuple | list):
+        return b"".join(bytes(p) for p in buf)
+    return bytes(buf)
 
 
 class BytesDevice(Device):

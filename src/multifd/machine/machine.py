@@ -19,7 +19,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from .device import Device
+from .device import Device, join_buffer
 from .ramblock import RamBlock
 
 __all__ = ["Machine", "RunState", "copy_state"]
@@ -347,7 +347,7 @@ def copy_state(src: Machine, dst: Machine) -> None:
         if dev.is_live() or dev.uses_multifd_state():
             peer.load_setup(dev.save_setup())
         if dev.uses_multifd_state():
-            buffers = list(dev.save_state_buffers(True))
+            buffers = [join_buffer(b) for b in dev.save_state_buffers(True)]
             for idx, data in enumerate(buffers):
                 peer.load_state_buffer(idx, data, idx == len(buffers) - 1)
             peer.load_state_job(never)

@@ -84,6 +84,29 @@ class _SaveState:
     stats: DeviceTransferStats = field(default_factory=DeviceTransferStats)
 
 
+class _Parts:
+    """A device buffer given as several parts (e.g. a record header and a view of the
+    device's memory): exposes the total length to the payload checks, sent by gather."""
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.parts = parts
+        self.nbytes = sum(memoryview(p).nbytes for p in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+def buffer_nbytes(buf: Any) -> int:
+    """Length of a device buffer: one bytes-like, or a tuple/list of parts."""
+    if isinstance(buf, _Parts):
+        return buf.nbytes
+    if isinstance(buf, tuple | list):
+        return sum(memoryview(p).nbytes for p in buf)
+    return memoryview(buf).nbytes
+
+
 class IndexedStatePayload(DeviceStatePayload):
     """A device-state packet whose payload is [12-byte buffer header, device buffer], sent
     by one gather `sendmsg` so the (large) device buffer is never copied to prepend 12 bytes.
@@ -100,7 +123,9 @@ class IndexedStatePayload(DeviceStatePayload):
         return cls()
 
     def fill_indexed(self, idstr: str, instance_id: int, prefix: bytes, data: Any) -> None:
-        self.fill(idstr, instance_id, data)
+        """`data` is one buffer or a tuple/list of parts (gathered, never joined)."""
+        parts = tuple(data) if isinstance(data, tuple | list) else (data,)
+        self.fill(idstr, instance_id, parts[0] if len(parts) == 1 else _Parts(parts))
         self.prefix = prefix
 
 
@@ -108,15 +133,16 @@ class _IndexedStateSendOps(DeviceStateSendOps):
     payload_type = IndexedStatePayload
 
     def logical_bytes(self, payload: IndexedStatePayload) -> int:  # type: ignore[override]
-        return len(payload.prefix) + memoryview(payload.buffer).nbytes
+        return len(payload.prefix) + buffer_nbytes(payload.buffer)
 
     def prepare(  # type: ignore[override]
         self, payload: IndexedStatePayload, ch: SendChannelContext
     ) -> list[Any]:
-        n = len(payload.prefix) + memoryview(payload.buffer).nbytes
+        n = len(payload.prefix) + buffer_nbytes(payload.buffer)
         header = encode_device_state_header(payload.idstr, payload.instance_id, n)
         ch.stats.add("device_state_buffers", 1)
-        return [header, payload.prefix, payload.buffer]
+        buf = payload.buffer
+        return [header, payload.prefix, *(buf.parts if isinstance(buf, _Parts) else (buf,))]
 
 
 register_send_ops(_IndexedStateSendOps())
@@ -198,7 +224,7 @@ class DeviceStateSaver:
         prev: bytes | bytearray | memoryview | None = None
         for buf in dev.save_state_buffers(final):
             self.pool.check_abort()
-            if memoryview(buf).nbytes == 0:
+            if buffer_nbytes(buf) == 0:
                 raise DeviceStateError(f"device {dev.idstr!r} produced an empty state buffer")
             if prev is not None:
                 slot = self._queue(slot, st, prev, config=False, live=not final)
@@ -218,7 +244,7 @@ class DeviceStateSaver:
         config: bool, live: bool,
     ) -> SendSlot:
         dev, stats = st.device, st.stats
-        n = memoryview(buf).nbytes
+        n = buffer_nbytes(buf)
         flags = DEVICE_STATE_FLAG_CONFIG_STATE if config else 0
         hdr = DeviceStateBufferHeader(stats.next_idx, flags).encode()
         slot.payload(IndexedStatePayload).fill_indexed(dev.idstr, dev.instance_id, hdr, buf)

@@ -55,7 +55,8 @@ class DeviceStatePayload(Payload):
             raise ValueError(f"bad device idstr {idstr!r}")
         if not 0 <= instance_id <= 0xFFFFFFFF:
             raise ValueError(f"instance_id {instance_id} is not a u32")
-        n = memoryview(buffer).nbytes
+        # a buffer, or an object that knows its length (e.g. gathered parts)
+        n = buffer.nbytes if hasattr(buffer, "nbytes") else memoryview(buffer).nbytes
         if n == 0 or n > 0xFFFFFFFF:
             raise ValueError(f"device-state buffer length {n} must be in 1..2^32-1")
         self.idstr = idstr

@@ -101,6 +101,9 @@ class TransferStats:
     main_bytes: int = 0
     channel_bytes: int = 0
     time_ms: float = 0.0
+    # migrate: when the last byte was sent and the channels closed (the point where a QEMU
+    # source's query-migrate total-time ends); time_ms runs on until the destination loaded
+    sent_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +115,7 @@ class TransferStats:
             "bytes": {"main": self.main_bytes, "channels": self.channel_bytes,
                       "total": self.main_bytes + self.channel_bytes},
             "time_ms": round(self.time_ms, 1),
+            **({"sent_ms": round(self.sent_ms, 1)} if self.sent_ms is not None else {}),
         }
 
 
@@ -334,6 +338,7 @@ class _Outgoing:
         self.main: MainStreamWriter | None = None
         self.normal = 0
         self.zero = 0
+        self.t_sent = 0.0
 
     def open(self, uri: str) -> None:
         addr = parse_uri(uri)
@@ -434,6 +439,7 @@ class _Outgoing:
             if self.profile.zero_pages_in_multifd:
                 self.normal = tot.get("normal_pages", 0)
                 self.zero = tot.get("zero_pages", 0)
+        self.t_sent = time.monotonic()
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -521,7 +527,8 @@ def migrate_to_qemu(
         machine=image.machine, blocks=dict(image.block_lengths), normal_pages=out.normal,
         zero_pages=out.zero, channels=channels, compression=compression,
         main_bytes=out.main.bytes_written, channel_bytes=stats_bytes,
-        time_ms=(time.monotonic() - t0) * 1000)
+        time_ms=(time.monotonic() - t0) * 1000,
+        sent_ms=(out.t_sent - t0) * 1000 if out.t_sent else None)
 
 
 # ----------------------------------------------------------------------------- helpers
