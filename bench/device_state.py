@@ -64,6 +64,7 @@ def run_once(src: Machine, args: argparse.Namespace, via: bool) -> dict[str, Any
     uri = dest.listen("tcp:127.0.0.1:0")
     p, c = _pc(args.channels)
     source = MigrationSource(src, params=p, caps=c)
+    src.start()  # running (no workload): switchover = pause here -> resume there
     source.start(uri)
     source.wait(600)
     dest.wait(600)
