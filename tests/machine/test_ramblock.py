@@ -173,3 +173,29 @@ def test_no_dirty_bit_lost_under_concurrent_writer() -> None:
         assert versions["n"] >= 500 and syncs >= 100
         assert int.from_bytes(dst[hot, :8].tobytes(), "little") == versions["n"]
         assert np.array_equal(dst, src.pages)
+
+
+def test_zero_out_leaves_untouched_pages_unallocated() -> None:
+    import numpy as np
+
+    from multifd.machine.ramblock import RamBlock
+
+    blk = RamBlock("z", 64 << 20)
+    try:
+        blk.pages[[3, 10]] = 7
+        rss_before = _rss_kib()
+        written = blk.zero_out(np.arange(blk.num_pages))
+        assert written == 2
+        assert not blk.array.any()
+        # reading 64 MiB of never-touched memory did not allocate it
+        assert _rss_kib() - rss_before < 16 << 10
+    finally:
+        blk.close()
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")

@@ -215,6 +215,19 @@ class RamBlock:
             np.logical_not(rows.any(axis=1), out=out[pos : pos + part.shape[0]])
         return out
 
+    def zero_out(self, idx: np.ndarray) -> int:
+        """Make the pages `idx` zero, writing only those that are not zero already: an
+        untouched page reads as zero without being allocated, and writing it would fault it
+        in (a fresh destination receives most zero pages for memory it never touched).
+        Returns how many pages were written."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return 0
+        dirty = idx[~self.zero_pages(idx)]
+        if dirty.size:
+            self.pages[dirty] = 0
+        return int(dirty.size)
+
     def checksum(self) -> str:
         """SHA-256 hex digest of the block contents (hashed in place, no full copy)."""
         self._check()

@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from multifd.machine.device import Device
 from multifd.machine.machine import Machine
 from multifd.migration.device_state import DeviceStateLoader, multifd_device_state_supported
@@ -316,11 +314,8 @@ class MigrationDestination:
             self._main_zero += 1
         elif isinstance(rec, RamZeroRun):
             blk = blocks[rec.block]
-            idx = (rec.offsets // blk.page_size).astype(np.int64)
-            dirty = idx[blk.words[idx].any(axis=1)]  # untouched pages stay untouched
-            if dirty.size:
-                blk.pages[dirty] = 0
-            self._main_zero += int(idx.size)
+            blk.zero_out(rec.offsets // blk.page_size)  # untouched pages stay untouched
+            self._main_zero += int(rec.offsets.size)
         elif isinstance(rec, RamPage):
             blk = blocks[rec.block]
             blk.view[rec.offset : rec.offset + blk.page_size] = rec.data

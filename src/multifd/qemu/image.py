@@ -221,10 +221,13 @@ class StreamRecorder:
     def _apply(self, rec: object) -> None:
         if isinstance(rec, RamZero):
             blk = self._blocks[rec.block]
-            blk.pages[rec.offset // self.page_size] = rec.fill
+            if rec.fill:
+                blk.pages[rec.offset // self.page_size] = rec.fill
+            else:
+                blk.zero_out(np.array([rec.offset // self.page_size]))
             self.main_zero += 1
         elif isinstance(rec, RamZeroRun):
-            self._blocks[rec.block].pages[rec.offsets // self.page_size] = 0
+            self._blocks[rec.block].zero_out(rec.offsets // self.page_size)
             self.main_zero += int(rec.offsets.shape[0])
         elif isinstance(rec, RamPage):
             blk = self._blocks[rec.block]
