@@ -34,8 +34,7 @@ from multifd.migration.device_state import DeviceStateLoader, multifd_device_sta
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
 from multifd.migration.sections import GLOBALSTATE_BODY, GLOBALSTATE_IDSTR, decode_globalstate
-from multifd.migration.source import _totals
-from multifd.migration.stats import MigrationStats, query_migrate
+from multifd.migration.stats import MigrationStats, query_migrate, sum_channel_stats
 from multifd.migration.status import MigrationStatus, StatusMachine
 from multifd.multifd.receiver import Receiver
 from multifd.transport.channels import accept_channels
@@ -162,7 +161,7 @@ class MigrationDestination:
     def query(self) -> dict[str, Any]:
         end = self.t_end or time.monotonic()
         if self.receiver is not None:
-            tot = _totals(self.receiver.channel_stats().values())
+            tot = sum_channel_stats(self.receiver.channel_stats().values())
             self.stats.set(
                 normal=tot.get("normal_pages", 0) + self._main_normal,
                 duplicate=tot.get("zero_pages", 0) + self._main_zero,

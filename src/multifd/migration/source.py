@@ -28,7 +28,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from multifd.machine.machine import Machine
@@ -43,7 +43,13 @@ from multifd.migration.sections import (
     encode_globalstate,
     vmdesc_entry,
 )
-from multifd.migration.stats import BandwidthMeter, MigrationStats, RateLimiter, query_migrate
+from multifd.migration.stats import (
+    BandwidthMeter,
+    MigrationStats,
+    RateLimiter,
+    query_migrate,
+    sum_channel_stats,
+)
 from multifd.migration.status import IllegalTransition, MigrationStatus, StatusMachine
 from multifd.multifd.sender import Sender
 from multifd.transport.channels import connect_channels
@@ -422,7 +428,7 @@ class MigrationSource:
             return
         s = self.stats
         if self._sender is not None:
-            ch = _totals(self._sender.channel_stats())
+            ch = sum_channel_stats(self._sender.channel_stats())
             if self.params.multifd_compression == "none":
                 s.multifd_bytes = ch.get("wire_bytes", 0)
             else:  # QEMU counts logical bytes plus packet headers
@@ -636,15 +642,6 @@ def _shutdown(sock: Any) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _totals(per_channel: Iterable[dict[str, int]]) -> dict[str, int]:
-    """Sum per-channel counters."""
-    out: dict[str, int] = {}
-    for ch in per_channel:
-        for k, v in ch.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def _describe(exc: BaseException) -> str:

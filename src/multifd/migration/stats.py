@@ -19,12 +19,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from multifd.migration.status import MigrationStatus
 
-__all__ = ["BUFFER_DELAY_MS", "BandwidthMeter", "MigrationStats", "RateLimiter", "query_migrate"]
+__all__ = [
+    "BUFFER_DELAY_MS",
+    "BandwidthMeter",
+    "MigrationStats",
+    "RateLimiter",
+    "query_migrate",
+    "sum_channel_stats",
+]
 
 BUFFER_DELAY_MS = 100
 XFER_LIMIT_RATIO = 1000 // BUFFER_DELAY_MS  # 10 windows per second
@@ -347,3 +354,12 @@ def query_migrate(
     if error_desc:
         info["error-desc"] = error_desc
     return info
+
+
+def sum_channel_stats(per_channel: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Add up per-channel counters (Sender/Receiver `channel_stats()`)."""
+    out: dict[str, int] = {}
+    for ch in per_channel:
+        for k, v in ch.items():
+            out[k] = out.get(k, 0) + v
+    return out

@@ -1,8 +1,8 @@
 """Blocking socket helpers for the channel threads: gather-send and exact receive.
 
-Private to the multifd core. `sendmsg_all` sends a list of buffers with as few
-`sendmsg` calls as possible (batches of IOV_MAX, partial sends resumed without copying);
-`recv_exact_into` / `recvmsg_exact_into` fill memoryviews completely or raise. They hold
+`sendmsg_all` is the transport's (one implementation for the main stream and the
+channels); `recv_exact_into` / `recvmsg_exact_into` fill memoryviews completely or raise
+`Truncated` (a channel hanging up inside a packet is a stream error here). They hold
 no lock and release the GIL inside the socket calls; a `shutdown()` from another thread
 makes any of them return (EOF or an OSError), which is how the core aborts.
 """
@@ -10,10 +10,10 @@ makes any of them return (EOF or an OSError), which is how the core aborts.
 from __future__ import annotations
 
 import os
-import select
 import socket
 from collections.abc import Sequence
 
+from multifd.transport.sockets import SEND_STALL_TIMEOUT_S, SendStalled, sendmsg_all
 from multifd.wire.errors import Truncated
 
 try:
@@ -36,56 +36,10 @@ def byte_views(buffers: Sequence[object]) -> list[memoryview]:
     return out
 
 
-SEND_STALL_TIMEOUT_S = 5.0  # a sendmsg making no progress this long: dead/stalled peer
-
-
-class SendStalled(TimeoutError):
-    """The peer took no byte for `SEND_STALL_TIMEOUT_S`: it is dead or stopped reading."""
-
-
-def send_some(sock: socket.socket, views: Sequence[memoryview],
-              stall_timeout: float | None) -> int:
-    """One gather send that waits at most `stall_timeout` s for buffer space.
-
-    Non-blocking send + poll, so a peer that stops reading turns into `SendStalled`
-    instead of a thread blocked forever (a shutdown() from another thread still wakes it).
-    """
-    if stall_timeout is None:
-        return sock.sendmsg(views)
-    while True:
-        try:
-            return sock.sendmsg(views, [], socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            pass
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        if not poller.poll(stall_timeout * 1000):
-            raise SendStalled(f"peer stalled: no byte accepted for {stall_timeout:g} s "
-                              "(dead or not reading)")
-
-
-def sendmsg_all(sock: socket.socket, buffers: Sequence[object],
-                stall_timeout: float | None = SEND_STALL_TIMEOUT_S) -> int:
-    """Send every byte of `buffers` in order with gather `sendmsg`; returns the total.
-
-    Raises `SendStalled` when no byte goes out for `stall_timeout` seconds (None: wait).
-    """
-    views = byte_views(buffers)
-    n = len(views)
-    i = 0
-    total = 0
-    while i < n:
-        sent = send_some(sock, views[i : i + IOV_MAX], stall_timeout)
-        total += sent
-        while sent:
-            size = len(views[i])
-            if sent >= size:
-                sent -= size
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
-    return total
+# One gather-send for every layer: the transport's (partial sends resumed without copying,
+# IOV_MAX batches, `SendStalled` when the peer takes no byte for the stall timeout).
+__all__ = ["SEND_STALL_TIMEOUT_S", "SendStalled", "byte_views", "recv_exact_into",
+           "recvmsg_exact_into", "sendmsg_all"]
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False) -> bool:

@@ -39,7 +39,7 @@ import numpy as np
 from multifd.machine.ramblock import RamBlock
 from multifd.migration.mainstream import MainStreamWriter
 from multifd.migration.profile import Profile
-from multifd.migration.source import _totals
+from multifd.migration.stats import sum_channel_stats
 from multifd.multifd import MultifdError, RamPayload, Receiver, Sender
 from multifd.qemu.image import (
     SWITCHOVER_START,
@@ -305,7 +305,7 @@ def receive_from_qemu(
                        compression=compression, main_bytes=inc.rec.bytes_in)
     st.normal_pages, st.zero_pages = inc.rec.main_normal, inc.rec.main_zero
     if inc.receiver is not None:
-        tot = _totals(inc.receiver.channel_stats().values())
+        tot = sum_channel_stats(inc.receiver.channel_stats().values())
         st.normal_pages += tot.get("normal_pages", 0)
         st.zero_pages += tot.get("zero_pages", 0)
         st.channel_bytes = tot.get("wire_bytes_ram", 0) + 64 * channels
@@ -435,7 +435,7 @@ class _Outgoing:
             err = self.sender.error
             if err is not None:
                 raise err
-            tot = _totals(self.sender.channel_stats())
+            tot = sum_channel_stats(self.sender.channel_stats())
             if self.profile.zero_pages_in_multifd:
                 self.normal = tot.get("normal_pages", 0)
                 self.zero = tot.get("zero_pages", 0)
@@ -459,7 +459,7 @@ class _Outgoing:
     def channel_bytes(self) -> int:
         if self.sender is None:
             return 0
-        return _totals(self.sender.channel_stats()).get("wire_bytes", 0) + 64 * self.n
+        return sum_channel_stats(self.sender.channel_stats()).get("wire_bytes", 0) + 64 * self.n
 
     def close(self) -> None:
         if self.sender is not None:
