@@ -77,7 +77,9 @@ def _demo(spec: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("spec", ["kill-destination@iterate", "kill-destination@completion",
-                                  "kill-source@switchover", "stall-channel:0@iterate"])
+                                  "kill-source@setup", "kill-source@iterate",
+                                  "kill-source@switchover", "kill-source@completion",
+                                  "stall-channel:0@iterate"])
 def test_demo_cell(spec: str) -> None:
     r = _demo(spec)
     assert r["status"] == "failed", r
