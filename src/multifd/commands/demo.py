@@ -264,7 +264,7 @@ def _report(args: argparse.Namespace, s: dict[str, Any], d: dict[str, Any],
     total_ms = q.get("total-time")
     return {
         "status": status,
-        "error": s.get("error") or d.get("error"),
+        "error": _both_errors(s.get("error"), d.get("error")),
         "profile": args.profile,
         "channels": args.channels,
         "compression": args.compression,
@@ -292,6 +292,14 @@ def _report(args: argparse.Namespace, s: dict[str, Any], d: dict[str, Any],
         "checksum_destination": d.get("checksum"),
         "wall_ms": round(wall_ms, 1),
     }
+
+
+def _both_errors(src: str | None, dst: str | None) -> str | None:
+    """The source's error, and the destination's when it says something else (each side
+    sees the failure its own way: a TLS refusal is precise only on the destination)."""
+    if src and dst and dst not in src:
+        return f"{src}; destination: {dst}"
+    return src or dst
 
 
 def _print_report(r: dict[str, Any]) -> None:

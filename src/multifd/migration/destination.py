@@ -44,7 +44,7 @@ from multifd.transport.tls import TlsConfig, TlsError, accept_tls, accept_tls_ch
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri, supports_multifd
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import Command, SectionType
-from multifd.wire.errors import BadName, Mismatch, WireError
+from multifd.wire.errors import BadName, Mismatch, Truncated, WireError
 from multifd.wire.ram import (
     RamEos,
     RamMemSize,
@@ -292,14 +292,18 @@ class MigrationDestination:
             else:
                 dec.receive_data(view[:n])
             while True:
-                rec = dec.next_record()
+                try:
+                    rec = dec.next_record()
+                except Truncated as e:  # the source went away mid-stream: say so first
+                    raise Truncated(f"the main channel closed early: {e.describe()}",
+                                    offset=e.offset) from None
                 if rec is NEED_DATA:
                     break
                 if self._apply(rec):
                     done = True
             if n == 0:
                 if not dec.finished:
-                    raise WireError("main stream closed early", offset=dec.offset)
+                    raise WireError("the main channel closed early", offset=dec.offset)
                 break
             if done and dec.finished:
                 break
