@@ -259,3 +259,34 @@ def test_events_and_status_sequence() -> None:
     assert dst_machine.is_running
     machine.close()
     dst_machine.close()
+
+
+def test_auto_converge_throttles_a_workload_that_outruns_the_link() -> None:
+    """Dirtying far faster than max-bandwidth never converges; auto-converge throttles the
+    workload until it does (QEMU's cpu-throttle-* parameters), and the result verifies."""
+    p, c = _setup(**{"max-bandwidth": 16 << 20, "downtime-limit": 100,
+                     "cpu-throttle-initial": 50, "cpu-throttle-increment": 20})
+    c.set([{"capability": "auto-converge", "state": True}])
+    dst_machine = build_demo_machine(RAM, populate=False)
+    dst_machine.set_incoming()
+    dst = MigrationDestination(dst_machine, params=p, caps=c)
+    uri = dst.listen("tcp:127.0.0.1:0")
+    src_machine = build_demo_machine(RAM, total_steps=10**6)
+    src_machine.start()
+    work = DemoWorkload(src_machine, dirty_rate_mib_s=0)  # flat out
+    work.run_in_thread()
+    src = MigrationSource(src_machine, params=p, caps=c)
+    src.start(uri)
+    seen = 0
+    deadline = time.monotonic() + 60
+    while not src.status.is_final() and time.monotonic() < deadline:
+        seen = max(seen, src.query().get("cpu-throttle-percentage", 0))
+        time.sleep(0.05)
+    assert str(src.wait(5)) == "completed", src.error
+    work.stop(10)
+    assert seen >= 50
+    assert src_machine.throttle == 0  # switched off again after the migration
+    assert str(dst.wait(30)) == "completed", dst.error
+    assert dst_machine.checksum() == src_machine.checksum()
+    src_machine.close()
+    dst_machine.close()

@@ -115,6 +115,10 @@ class MigrationSource:
         self.t_end = 0.0
         self.expected_downtime_ms = self.params.downtime_limit
         self.passes = 0
+        self._throttle_hits = 0  # auto-converge: periods where dirtying outran sending
+        self._period_start = time.monotonic()
+        self._period_sent_start = 0
+        self._period_dirtied = 0
         # Test/demo hook (fault injection): called on the migration thread at each phase.
         self.on_phase: Callable[[str], None] | None = None
 
@@ -123,7 +127,7 @@ class MigrationSource:
         if self._thread is not None:
             raise RuntimeError("a migration is already running from this source")
         addr = parse_uri(uri)  # bad URIs fail here, in the caller
-        self.t_start = time.monotonic()
+        self.t_start = self._period_start = time.monotonic()
         self._thread = threading.Thread(
             target=self._run, args=(addr,), name="live_migration", daemon=True
         )
@@ -159,6 +163,7 @@ class MigrationSource:
             downtime_ms=downtime_ms,
             expected_downtime_ms=int(self.expected_downtime_ms),
             error=self.error,
+            cpu_throttle_percentage=self.machine.throttle if not self._stats_frozen else None,
         )
 
     @property
@@ -215,6 +220,7 @@ class MigrationSource:
             self._abort_io(str(exc))
             if self._ram is not None:
                 self._ram.cleanup()
+            self.machine.set_throttle(0)  # auto-converge ends with the migration
             if paused_by_us:
                 self.machine.resume()
             if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
@@ -347,12 +353,12 @@ class MigrationSource:
                 ram.bitmap_sync()
                 self.passes += 1
                 self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
+                self._throttle_check()
                 pending = ram.pending_bytes() + sum(h.pending() for h in self._devices)
                 if bw > 0:
                     self.expected_downtime_ms = pending / bw
                 if pending <= threshold:
                     return
-            self._throttle_check()
 
     def _switchover_bandwidth_factor(self) -> float:
         avail = int(self.params.get("avail-switchover-bandwidth") or 0)
@@ -362,15 +368,24 @@ class MigrationSource:
         return 1.0
 
     def _throttle_check(self) -> None:
-        """auto-converge: raise the workload throttle while dirtying outruns sending."""
+        """auto-converge, after a bitmap sync (QEMU's migration_trigger_throttle): once a
+        period of >= 1 s is over, if the bytes dirtied in it exceed
+        throttle-trigger-threshold % of the bytes sent in it twice, throttle the workload
+        (cpu-throttle-initial, then + cpu-throttle-increment, up to max-cpu-throttle)."""
         if not self.caps.get("auto-converge") or self._ram is None:
             return
         ram = self._ram
-        dirtied = ram.counters.dirty_pages_last_sync * ram.page_size
-        sent = self._meter.window_bytes()
+        self._period_dirtied += ram.counters.dirty_pages_last_sync * ram.page_size
+        now = time.monotonic()
+        if now - self._period_start < 1.0:
+            return
+        sent = self._transferred() - self._period_sent_start
+        dirtied = self._period_dirtied
+        self._period_start, self._period_sent_start = now, self._transferred()
+        self._period_dirtied = 0
         threshold = self.params.throttle_trigger_threshold / 100.0
         if sent and dirtied > sent * threshold:
-            self._throttle_hits = getattr(self, "_throttle_hits", 0) + 1
+            self._throttle_hits += 1
             if self._throttle_hits >= 2:
                 cur = self.machine.throttle
                 step = self.params.cpu_throttle_initial if cur == 0 else (
