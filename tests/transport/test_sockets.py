@@ -227,7 +227,7 @@ def test_sendmsg_all_resumes_partial_sends_exactly() -> None:
 
 
 def test_sendmsg_all_numpy_page_views() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
     a, b = _small_pair()
     ram = np.arange(64 * 4096 // 8, dtype=np.uint64)
     pages = [memoryview(ram)[i * 512 : (i + 1) * 512] for i in range(0, 64, 2)]
