@@ -36,6 +36,7 @@ from typing import Any
 
 from multifd import __version__
 from multifd.migration.params import ParameterError
+from multifd.transport.sockets import accept_nowait
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri
 
 __all__ = [
@@ -175,16 +176,7 @@ class _Listening:
         self.sock = sock
 
     def accept(self) -> socket.socket | None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return None
-            raise
-        conn.setblocking(True)
-        return conn
+        return accept_nowait(self.sock)
 
     def close(self) -> None:
         self.sock.close()

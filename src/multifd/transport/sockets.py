@@ -199,16 +199,9 @@ class Listener:
 
     def accept_nowait(self) -> socket.socket | None:
         """Accept one pending connection (tuned, blocking) or return None when none is queued."""
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return None
-            raise
-        conn.setblocking(True)
-        tune_socket(conn)
+        conn = accept_nowait(self._sock)
+        if conn is not None:
+            tune_socket(conn)
         return conn
 
     def accept(self, timeout: float | None) -> socket.socket:
@@ -260,6 +253,21 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     os.unlink(path)
+
+
+def accept_nowait(listener: socket.socket) -> socket.socket | None:
+    """Accept one queued connection from a non-blocking listener as a blocking socket, or
+    None when nothing is queued (or the client gave up before we got to it)."""
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+            return None
+        raise
+    conn.setblocking(True)
+    return conn
 
 
 def recv_exactly_into(sock: _Readable, view: Any, what: str = "data") -> None:
