@@ -152,8 +152,15 @@ def test_sync_with_pages_and_empty_packets_of_7_2() -> None:
         a.sendall(_packet(PacketLayout.V7_2, flags=0x01, normal=(4096, 8192)))
         a.sendall(_packet(PacketLayout.V7_2, normal=()))
         a.sendall(_packet(PacketLayout.V7_2, normal=(0,)))
-        r.sync_main(timeout=5)
+        deadline = time.monotonic() + 5
+        while r.channel_stats()[0].get("normal_pages", 0) < 2:  # the SYNC's own pages
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.05)
+        # held at the SYNC: its pages are in, the packet after it is not (checked before
+        # sync_main releases the channel, which may then apply it at once)
         assert (dst.pages[1:3] == 0x77).all() and (dst.pages[0] == 0xAB).all()
+        r.sync_main(timeout=5)
         a.close()  # EOF at a packet boundary ends the channel cleanly
         deadline = time.monotonic() + 5
         while r.channel_stats()[0].get("normal_pages", 0) < 3:
