@@ -22,7 +22,7 @@ def test_demo_json_report(extra: list[str]) -> None:
          "--dirty-rate", "32", "--json", *extra],
         capture_output=True, text=True, timeout=180, check=False,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["status"] == "completed"
     assert report["verified"] is True
@@ -39,6 +39,6 @@ def test_demo_human_report() -> None:
         [sys.executable, "-m", "multifd.cli", "demo", "--ram", "32M", "--steps", "2000"],
         capture_output=True, text=True, timeout=180, check=False,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "verified" in out.stdout and "yes" in out.stdout
     assert "downtime" in out.stdout
