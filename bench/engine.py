@@ -35,6 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from benchlib import make_blob, warm_memory
+
 MiB = 1 << 20
 GiB = 1 << 30
 BLOB_ADDR = 0x100000
@@ -59,6 +61,11 @@ def vm_hwm_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu(t0: os.times_result, t1: os.times_result) -> dict[str, float]:
+    """User and system CPU seconds this process spent between two os.times()."""
+    return {"user": round(t1.user - t0.user, 3), "sys": round(t1.system - t0.system, 3)}
 
 
 def _params(channels: int, compression: str) -> tuple[Any, Any]:
@@ -90,12 +97,15 @@ def _destination(args: argparse.Namespace) -> int:
     dest = MigrationDestination(machine, params=params, caps=caps,
                                 profile=get_profile(args.profile), fresh_ram=True)
     _emit({"event": "listening", "uri": dest.listen("tcp:127.0.0.1:0")})
+    cpu0 = os.times()
     status = str(dest.wait(MIGRATION_TIMEOUT_S))
+    cpu1 = os.times()
     if status not in ("completed", "failed", "cancelled"):
         dest.cancel()
         dest.wait(10)
     res: dict[str, Any] = {"event": "result", "status": status, "error": dest.error,
-                           "query": dest.query(), "rss_mib": vm_hwm_mib()}
+                           "query": dest.query(), "rss_mib": vm_hwm_mib(),
+                           "cpu_s": _cpu(cpu0, cpu1)}
     if status == "completed" and args.verify:
         view = machine.block("pc.ram").view
         res["sha256"] = hashlib.sha256(view[BLOB_ADDR:BLOB_ADDR + args.data]).hexdigest()
@@ -121,14 +131,18 @@ def _source(args: argparse.Namespace) -> int:
         _emit({"event": "result", "status": "failed", "error": f"short blob read {got}"})
         return 1
     src = MigrationSource(machine, params=params, caps=caps, profile=get_profile(args.profile))
+    _emit({"event": "ready"})
+    sys.stdin.readline()  # the parent warms memory, then says go
+    cpu0 = os.times()
     src.start(args.uri)
     status = str(src.wait(MIGRATION_TIMEOUT_S))
+    cpu1 = os.times()
     if status not in ("completed", "failed", "cancelled"):
         src.cancel()
         src.wait(10)
     _emit({"event": "result", "status": status, "error": src.error, "query": src.query(),
            "wall_ms": (src.t_end - src.t_start) * 1000 if src.t_end else None,
-           "rss_mib": vm_hwm_mib()})
+           "rss_mib": vm_hwm_mib(), "cpu_s": _cpu(cpu0, cpu1)})
     machine.close()
     return 0 if status == "completed" else 1
 
@@ -139,7 +153,7 @@ def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> subprocess.
     cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role,
            "--ram", str(args.ram), "--data", str(args.data), "--channels", str(args.channels),
            "--compression", args.compression, "--profile", args.profile, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def _read_result(proc: subprocess.Popen[str], want: str, timeout: float) -> dict[str, Any]:
@@ -173,6 +187,11 @@ def run_ours(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
     try:
         uri = _read_result(dst, "listening", 60)["uri"]
         src = _spawn(args, "src", ["--uri", uri, "--blob", str(blob)])
+        _read_result(src, "ready", 60)
+        warm_memory(args.warm_mib * MiB)
+        assert src.stdin is not None
+        src.stdin.write("go\n")
+        src.stdin.flush()
         s = _read_result(src, "result", CHILD_TIMEOUT_S)
         d = _read_result(dst, "result", CHILD_TIMEOUT_S)
         src.wait(30)
@@ -194,6 +213,7 @@ def run_ours(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
         "dest_rss_mib": round(d["rss_mib"], 1),
         "dest_rss_mib_after_verify": round(d["rss_mib_after_verify"], 1),
         "src_rss_mib": round(s["rss_mib"], 1),
+        "src_cpu_s": s.get("cpu_s"), "dst_cpu_s": d.get("cpu_s"),
     }
     if verify:
         run["verified"] = ok and d.get("sha256") == blob_sha and bool(d.get("rest_zero"))
@@ -216,6 +236,7 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
             vm.set_migration(multifd=True, channels=args.channels,
                              compression=args.compression, max_bandwidth=QEMU_MAX_BANDWIDTH)
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
+        warm_memory(args.warm_mib * MiB)
         src.migrate(uri)
         q = src.wait_migration(MIGRATION_TIMEOUT_S)
         dst.wait_migration(MIGRATION_TIMEOUT_S)
@@ -236,20 +257,6 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
 
 
 # -- parent --------------------------------------------------------------------------------
-
-def make_blob(path: Path, size: int) -> str:
-    """`size` random bytes from os.urandom into `path`; returns their sha256."""
-    h = hashlib.sha256()
-    chunk = 64 * MiB
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            b = os.urandom(min(chunk, left))
-            h.update(b)
-            f.write(b)
-            left -= len(b)
-    return h.hexdigest()
-
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
@@ -354,6 +361,9 @@ def main() -> int:
     p.add_argument("--profile", choices=("qemu-7.2", "qemu-10"), default="qemu-7.2")
     p.add_argument("--ram", type=int, default=2 * GiB, help=argparse.SUPPRESS)
     p.add_argument("--data", type=int, default=GiB, help=argparse.SUPPRESS)
+    p.add_argument("--warm-mib", type=int, default=2048,
+                   help="touch and free this much memory right before each migration, "
+                        "ours and QEMU's alike (0: cold; see benchlib.warm_memory)")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU 7.2 baseline")
     p.add_argument("--verify-all", action="store_true", help="sha256-check every run")
     p.add_argument("--tmpdir", default=None, help="where the blob goes (default: $TMPDIR)")

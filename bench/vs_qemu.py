@@ -24,7 +24,6 @@ qemu_to_qemu, migrate_ratio = ours_to_qemu / qemu_to_qemu (goal: both <= 1.0).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import make_blob, warm_memory
 from multifd.qemu.qemuproc import QEMU10, QEMU72, QemuProcess, available
 
 MiB = 1 << 20
@@ -45,19 +45,6 @@ BLOB_ADDR = 0x100000
 QEMU_MAX_BANDWIDTH = 10**12
 TIMEOUT_S = 120.0
 PROFILE = {QEMU72: "qemu-7.2", QEMU10: "qemu-10"}
-
-
-def make_blob(path: Path, size: int) -> str:
-    """`size` random bytes from os.urandom into `path`; returns their sha256."""
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            b = os.urandom(min(64 * MiB, left))
-            h.update(b)
-            f.write(b)
-            left -= len(b)
-    return h.hexdigest()
 
 
 def _multifd_cli() -> list[str]:
@@ -108,7 +95,9 @@ def qemu_to_qemu(version: str, args: argparse.Namespace, blob: Path, sha: str,
         dst = _qemu(version, None, args.mem_mib, "dst")
         for vm in (dst, src):
             _config(vm, args.channels)
-        src.migrate(dst.migrate_incoming("tcp:127.0.0.1:0"))
+        uri = dst.migrate_incoming("tcp:127.0.0.1:0")
+        warm_memory(args.warm_mib * MiB)
+        src.migrate(uri)
         q = src.wait_migration(TIMEOUT_S)
         dst.wait_migration(TIMEOUT_S)
         r: dict[str, Any] = {"ms": q.get("total-time"), "accel": src.accel}
@@ -138,6 +127,7 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
             time.sleep(0.02)
         src = _qemu(version, blob, args.mem_mib, "src")
         _config(src, args.channels)
+        warm_memory(args.warm_mib * MiB)
         src.migrate(f"tcp:127.0.0.1:{port}")
         q = src.wait_migration(TIMEOUT_S)
         out, err = inc.communicate(timeout=TIMEOUT_S)
@@ -164,6 +154,7 @@ def ours_to_qemu(version: str, args: argparse.Namespace, image: Path, sha: str,
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
         cmd = [*_multifd_cli(), "migrate", str(image), uri, "--profile", PROFILE[version],
                "--channels", str(args.channels), "--json", "--timeout", str(TIMEOUT_S)]
+        warm_memory(args.warm_mib * MiB)
         t0 = time.monotonic()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
         wall_ms = (time.monotonic() - t0) * 1000
@@ -241,6 +232,9 @@ def main() -> int:
     p.add_argument("--channels", type=int, default=2)
     p.add_argument("--versions", default=None,
                    help="comma list of 7.2,10.0 (default: 7.2, plus 10.0 when unpacked)")
+    p.add_argument("--warm-mib", type=int, default=2048,
+                   help="touch and free this much memory right before each migration, "
+                        "every path alike (0: cold; see benchlib.warm_memory)")
     p.add_argument("--ram", type=int, default=2 * GiB, help=argparse.SUPPRESS)
     p.add_argument("--data", type=int, default=GiB, help=argparse.SUPPRESS)
     p.add_argument("--tmpdir", default=None, help="blob and images (default: $TMPDIR)")

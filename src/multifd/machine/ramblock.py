@@ -196,24 +196,28 @@ class RamBlock:
     def zero_pages(self, idx: np.ndarray) -> np.ndarray:
         """For each page index in ``idx``, True if the page is all zero.
 
-        Scans in chunks of pages so a whole-block scan never allocates a block-sized
-        temporary; runs of consecutive indices are scanned through a view without copying.
+        Like QEMU's buffer_is_zero it decides most pages early: one word per page first (a
+        data page almost always ends there, one cache line read), then a full scan of the
+        pages whose first word is zero, in chunks so a whole-block scan never allocates a
+        block-sized temporary (runs of consecutive pages are scanned through a view).
         """
         self._check()
         idx = np.asarray(idx, dtype=np.int64)
-        out = np.empty(idx.shape[0], dtype=bool)
         words = self._words
-        for pos in range(0, idx.shape[0], _ZERO_SCAN_CHUNK):
-            part = idx[pos : pos + _ZERO_SCAN_CHUNK]
-            first, last = int(part[0]), int(part[-1])
-            if last - first + 1 == part.shape[0] and (
-                part.shape[0] == 1 or bool(np.all(np.diff(part) == 1))
+        zero = words[idx, 0] == 0
+        cand = np.flatnonzero(zero)
+        for pos in range(0, cand.shape[0], _ZERO_SCAN_CHUNK):
+            part = cand[pos : pos + _ZERO_SCAN_CHUNK]
+            pages = idx[part]
+            first, last = int(pages[0]), int(pages[-1])
+            if last - first + 1 == pages.shape[0] and (
+                pages.shape[0] == 1 or bool(np.all(np.diff(pages) == 1))
             ):
                 rows = words[first : last + 1]
             else:
-                rows = words[part]
-            np.logical_not(rows.any(axis=1), out=out[pos : pos + part.shape[0]])
-        return out
+                rows = words[pages]
+            zero[part] = rows.max(axis=1) == 0  # max: ~1.6x faster than any() here
+        return zero
 
     def zero_out(self, idx: np.ndarray) -> int:
         """Make the pages `idx` zero, writing only those that are not zero already: an

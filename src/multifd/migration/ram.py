@@ -36,18 +36,6 @@ MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
 _WINDOW = 8192  # pages taken from todo at a time (64 packets)
 
 
-def _zero_pages(block: RamBlock, pages: np.ndarray) -> np.ndarray:
-    """Zero mask over `pages`: one word per page first (random data ends there), then a
-    full scan of the pages whose first word is zero (like QEMU's buffer_is_zero)."""
-    if pages.size == 0:
-        return np.zeros(0, dtype=bool)
-    zero = block.words[pages, 0] == 0
-    cand = np.flatnonzero(zero)
-    if cand.size:
-        zero[cand] = block.zero_pages(pages[cand])
-    return zero
-
-
 class RamCounters:
     """Page counters that query-migrate reports (duplicate = zero pages)."""
 
@@ -156,9 +144,7 @@ class RamSaveHandler:
                 todo[pages] = False
                 self.todo_count -= int(pages.size)
                 last = int(pages[-1]) + 1
-                pages = self._drop_unsent_zero(self.cursor_block, block, pages)
-                for pos in range(0, pages.size, self.batch):
-                    self._send_pages(block, pages[pos : pos + self.batch])
+                self._send_window(self.cursor_block, block, pages)
                 self.cursor_page = last
                 if deadline is not None and time.monotonic() > deadline:
                     return False
@@ -171,53 +157,51 @@ class RamSaveHandler:
             self._multifd_sync()
         return self.todo_count == 0
 
-    def _drop_unsent_zero(self, i: int, block: RamBlock, pages: np.ndarray) -> np.ndarray:
-        """Filter out zero pages the destination never received; mark the rest sent."""
-        if self.sent is None:
-            return pages
-        sent = self.sent[i]
-        fresh = ~sent[pages]
-        if not fresh.any():
-            return pages
-        cand = pages[fresh]
-        zero = _zero_pages(block, cand)
-        nz = int(np.count_nonzero(zero))
-        sent[cand[~zero]] = True
-        if nz == 0:
-            return pages
-        self.counters.duplicate += nz
-        keep = np.ones(pages.size, dtype=bool)
-        keep[np.flatnonzero(fresh)[zero]] = False
-        return pages[keep]
-
-    def _send_pages(self, block: RamBlock, pages: np.ndarray) -> None:
-        ps = block.page_size
-        offsets = pages.astype(np.uint64) * np.uint64(ps)
-        if self.sender is None:
-            # Single stream: ZERO and PAGE records inline, in page order.
+    def _send_window(self, i: int, block: RamBlock, pages: np.ndarray) -> None:
+        """Send up to _WINDOW pages of block i: one zero scan for the whole window, then
+        ZERO records (main-stream zero pages) and packets or PAGE records of self.batch."""
+        zero_on_main = self.sender is None or not self.profile.zero_pages_in_multifd
+        zero: np.ndarray | None = None
+        if zero_on_main:
             zero = block.zero_pages(pages)
-            self._write_zero(block, offsets[zero])
-            normal = pages[~zero]
-            if normal.size:
-                cont = self.last_main_block == block.name
-                self.main.write(
-                    encode_page_run(
-                        block.name, offsets[~zero], block.pages[normal], first_continues=cont
-                    )
-                )
-                self.last_main_block = block.name
-            self.counters.normal += int(normal.size)
-            self.counters.duplicate += int(zero.sum())
-            return
-        if not self.profile.zero_pages_in_multifd:
-            zero = block.zero_pages(pages)
-            nz = int(zero.sum())
+        elif self.sent is not None:  # qemu-10: the channels find zero pages; only the
+            fresh = ~self.sent[i][pages]  # never-sent ones are looked at here, to skip them
+            zero = np.zeros(pages.size, dtype=bool)
+            if fresh.any():
+                zero[fresh] = block.zero_pages(pages[fresh])
+        if self.sent is not None and zero is not None:
+            # A zero page the destination never received needs no transfer: its RAM
+            # starts zeroed (QEMU's destination relies on the same, see __init__).
+            sent = self.sent[i]
+            skip = zero & ~sent[pages]
+            sent[pages[~zero]] = True
+            nskip = int(np.count_nonzero(skip))
+            if nskip:
+                self.counters.duplicate += nskip
+                keep = ~skip
+                pages, zero = pages[keep], zero[keep]
+        ps = np.uint64(block.page_size)
+        if zero_on_main and zero is not None:
+            nz = int(np.count_nonzero(zero))
             if nz:
-                self._write_zero(block, offsets[zero])
+                self._write_zero(block, pages[zero].astype(np.uint64) * ps)
                 self.counters.duplicate += nz
-                offsets = offsets[~zero]
-            if offsets.size == 0:
-                return
+                pages = pages[~zero]
+        offsets = pages.astype(np.uint64) * ps
+        for pos in range(0, offsets.size, self.batch):
+            self._send_pages(block, pages[pos : pos + self.batch],
+                             offsets[pos : pos + self.batch])
+
+    def _send_pages(self, block: RamBlock, pages: np.ndarray, offsets: np.ndarray) -> None:
+        """Pages with data (qemu-10 multifd: maybe zero, the channel looks) of one batch."""
+        if self.sender is None:
+            cont = self.last_main_block == block.name
+            self.main.write(
+                encode_page_run(block.name, offsets, block.pages[pages], first_continues=cont)
+            )
+            self.last_main_block = block.name
+            self.counters.normal += int(pages.size)
+            return
         self.counters.normal += int(offsets.size)  # qemu-10: corrected by the channel stats
         self.slot.payload(RamPayload).fill(block, offsets)
         self.slot = self.sender.send(self.slot)

@@ -43,6 +43,7 @@ from multifd.wire.constants import (
 )
 from multifd.wire.errors import BadLength
 from multifd.wire.packet import decode_ram_packet
+from multifd.wire.ram_batch import is_run
 
 # More runs than this in one packet: gather/scatter through the bounce buffer instead of
 # one iovec per run (a memcpy of <= 512 KiB is cheaper than many tiny iovecs + Python).
@@ -86,12 +87,13 @@ class RamPayload(Payload):
             raise ValueError(f"page count {n} outside 0..{self.capacity}")
         if n:
             offs = self.offsets[:n]
-            if block.page_size != self.page_size:
-                raise ValueError(f"block {block.name!r} page size {block.page_size} != "
-                                 f"{self.page_size}")
-            if int(offs.max()) > block.used_length - self.page_size or (
-                offs % self.page_size
-            ).any():
+            ps = self.page_size
+            if block.page_size != ps:
+                raise ValueError(f"block {block.name!r} page size {block.page_size} != {ps}")
+            limit = block.used_length - ps
+            if not (int(offs[0]) % ps == 0 and int(offs[-1]) <= limit and is_run(offs, ps)) and (
+                int(offs.max()) > limit or (offs % ps).any()
+            ):
                 raise ValueError(f"offsets outside or unaligned in block {block.name!r}")
         self.block = block
         self.num = n
@@ -107,14 +109,14 @@ class RamPayload(Payload):
 def page_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start page, length) of each run of consecutive page indices, in list order."""
     n = idx.shape[0]
-    if n == 1:
-        return idx[:1], np.ones(1, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    if n == 1 or is_run(idx, 1):
+        return idx[:1], np.array([n], dtype=np.int64)
+    brk = np.flatnonzero(idx[1:] != idx[:-1] + 1) + 1
     starts = np.empty(brk.shape[0] + 1, dtype=np.int64)
     starts[0] = 0
     starts[1:] = brk
     lengths = np.empty_like(starts)
-    lengths[:-1] = np.diff(starts)
+    lengths[:-1] = starts[1:] - starts[:-1]
     lengths[-1] = n - starts[-1]
     return idx[starts], lengths
 
@@ -164,7 +166,7 @@ class RamSendOps(SendOps):
         block = payload.block
         ps = ch.page_size
         offs = payload.offsets[: payload.num]
-        idx = (offs // ps).astype(np.int64)
+        idx = offs // np.uint64(ps)
         runs = page_runs(idx)
         zero_off = _EMPTY
         if ch.zero_page_detection:
@@ -281,7 +283,10 @@ class RamRecvOps(RecvOps):
                         block.pages[idx] = state.scratch[:nn]
                 received = cfg.received.get(hdr.ramblock)
                 if received is not None:
-                    received[idx] = True
+                    if single:
+                        received[int(starts[0]) : int(starts[0]) + nn] = True
+                    else:
+                        received[idx] = True
                 st.add("normal_pages", nn)
             if nzero:
                 zidx = (offsets[nn : nn + nzero] // ps).astype(np.int64)

@@ -63,6 +63,7 @@ from multifd.wire.errors import (
     UnsupportedVersion,
     WireError,
 )
+from multifd.wire.ram_batch import is_run
 
 __all__ = [
     "DEFAULT_MAX_DEVICE_STATE_PAYLOAD",
@@ -326,22 +327,34 @@ def decode_ram_packet(
             raise BadName("unknown RAM block", field="ramblock", value=ramblock)
         offs = np.frombuffer(buf, dtype=">u8", count=used,
                              offset=MULTIFD_PACKET_HEADER_SIZE).astype(np.uint64)
-        bad = offs & np.uint64(page_size - 1)
-        if bad.any():
-            raise BadOffset("page offset not page-aligned", field="offset",
-                            value=int(offs[np.flatnonzero(bad)[0]]))
-        if blocks is not None:
-            limit = blocks[ramblock] - page_size
-            over = offs > np.uint64(limit) if limit >= 0 else np.ones(used, dtype=bool)
-            if over.any():
-                raise BadOffset(f"page offset outside RAM block {ramblock!r}", field="offset",
-                                value=int(offs[np.flatnonzero(over)[0]]))
+        first, last = int(offs[0]), int(offs[-1])
+        if not first % page_size and is_run(offs, page_size) and (
+            blocks is None or last <= blocks[ramblock] - page_size
+        ):
+            pass  # consecutive pages: aligned and in range by their first and last offset
+        else:
+            _check_offsets(offs, page_size, ramblock, blocks)
     else:
         offs = np.empty(0, dtype=np.uint64)
     return RamPacketHeader(
         flags=flags, pages_alloc=alloc, normal_pages=normal, next_packet_size=nps,
         packet_num=num, zero_pages=zero, ramblock=ramblock, offsets=offs, layout=layout,
     )
+
+
+def _check_offsets(offs: np.ndarray, page_size: int, ramblock: str,
+                   blocks: Mapping[str, int] | None) -> None:
+    """Every offset page-aligned and (with `blocks`) inside the block."""
+    bad = offs & np.uint64(page_size - 1)
+    if bad.any():
+        raise BadOffset("page offset not page-aligned", field="offset",
+                        value=int(offs[np.flatnonzero(bad)[0]]))
+    if blocks is not None:
+        limit = blocks[ramblock] - page_size
+        over = offs > np.uint64(limit) if limit >= 0 else np.ones(len(offs), dtype=bool)
+        if over.any():
+            raise BadOffset(f"page offset outside RAM block {ramblock!r}", field="offset",
+                            value=int(offs[np.flatnonzero(over)[0]]))
 
 
 class RamPacketEncoder:
