@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from multifd.wire.ram_batch import is_run
+
 __all__ = ["RamBlock"]
 
 # Pages scanned per numpy call in zero_pages(): bounds the temporary to 8 MiB of 4 KiB pages.
@@ -211,12 +213,14 @@ class RamBlock:
             pages = idx[part]
             first, last = int(pages[0]), int(pages[-1])
             if last - first + 1 == pages.shape[0] and (
-                pages.shape[0] == 1 or bool(np.all(np.diff(pages) == 1))
+                pages.shape[0] == 1 or is_run(pages, 1)
             ):
                 rows = words[first : last + 1]
+                if not np.count_nonzero(rows):  # the usual case: all zero, one fast pass
+                    continue
             else:
                 rows = words[pages]
-            zero[part] = rows.max(axis=1) == 0  # max: ~1.6x faster than any() here
+            zero[part] = rows.max(axis=1) == 0  # max: ~1.5x faster than any() here
         return zero
 
     def zero_out(self, idx: np.ndarray) -> int:

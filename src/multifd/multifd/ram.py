@@ -121,33 +121,6 @@ def page_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx[starts], lengths
 
 
-def _nonzero_pages(words: np.ndarray, idx: np.ndarray, runs: tuple[np.ndarray, np.ndarray]
-                   ) -> np.ndarray:
-    """Bool mask over `idx`: page holds at least one non-zero byte.
-
-    Like QEMU's buffer_is_zero it stops early: one word per page first (a data page is
-    almost always decided there, touching one cache line), a full scan only for pages
-    whose first word is zero.
-    """
-    starts, lengths = runs
-    few = starts.shape[0] <= MAX_RUNS
-    if few:
-        bounds = list(zip(starts.tolist(), lengths.tolist(), strict=True))
-        parts = [words[s : s + c, 0] for s, c in bounds]
-        first = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    else:
-        first = words[idx, 0]
-    nz = first != 0
-    cand = np.flatnonzero(~nz)
-    if cand.shape[0]:
-        if few and cand.shape[0] == idx.shape[0] and len(bounds) == 1:
-            s, c = bounds[0]
-            nz = words[s : s + c].any(axis=1)  # ~6x faster than bitwise_or.reduce here
-        else:
-            nz[cand] = words[idx[cand]].any(axis=1)
-    return nz
-
-
 class _SendState:
     __slots__ = ("bounce",)
 
@@ -170,7 +143,7 @@ class RamSendOps(SendOps):
         runs = page_runs(idx)
         zero_off = _EMPTY
         if ch.zero_page_detection:
-            nz = _nonzero_pages(block.words, idx, runs)
+            nz = ~block.zero_pages(idx)
             if not nz.all():
                 zero_off = offs[~nz]
                 offs = offs[nz]
@@ -298,9 +271,7 @@ class RamRecvOps(RecvOps):
                     if zidx.shape[0]:
                         block.pages[zidx] = 0
                 else:
-                    dirty = _nonzero_pages(block.words, zidx, page_runs(zidx))
-                    if dirty.any():
-                        block.pages[zidx[dirty]] = 0
+                    block.zero_out(zidx)
                 st.add("zero_pages", nzero)
         return bool(hdr.is_sync)
 
