@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
 _WINDOW = 8192  # pages taken from todo at a time (64 packets)
+_SCAN_AHEAD = 2048  # pages zero-scanned ahead per wait for a free channel slot
 
 
 class RamCounters:
@@ -86,6 +87,13 @@ class RamSaveHandler:
         self.page_size = self.blocks[0].page_size if self.blocks else 4096
         self.slot = SendSlot(self.page_size)
         self.batch = page_count(self.page_size)
+        # Zero scan ahead of the send cursor, done while every channel slot is full (the
+        # producer would only wait): zero status of todo pages of block `cursor_block` in
+        # [window end, _scan_end). Valid until the next bitmap sync, which consumes the
+        # dirty bits that would otherwise report a page written after its scan.
+        self._scan_zero = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
+        self._scan_end = 0
+        self._window_end = 0
 
     # -- setup ------------------------------------------------------------------------------
     def save_setup(self) -> None:
@@ -114,6 +122,7 @@ class RamSaveHandler:
                 added += int(np.count_nonzero(snap & ~todo))
                 todo |= snap
         self.todo_count += added
+        self._scan_end = 0  # scans before this sync may miss writes whose bits it consumed
         c = self.counters
         c.dirty_sync_count += 1
         c.dirty_pages_last_sync = added
@@ -144,15 +153,18 @@ class RamSaveHandler:
                 todo[pages] = False
                 self.todo_count -= int(pages.size)
                 last = int(pages[-1]) + 1
+                self._window_end = last
                 self._send_window(self.cursor_block, block, pages)
                 self.cursor_page = last
                 if deadline is not None and time.monotonic() > deadline:
                     return False
             self.cursor_block += 1
             self.cursor_page = 0
+            self._scan_end = 0
         # The walk wrapped: the pass is over.
         self.cursor_block = 0
         self.cursor_page = 0
+        self._scan_end = 0
         if self.sender is not None and not self.profile.sync_per_section:
             self._multifd_sync()
         return self.todo_count == 0
@@ -163,12 +175,12 @@ class RamSaveHandler:
         zero_on_main = self.sender is None or not self.profile.zero_pages_in_multifd
         zero: np.ndarray | None = None
         if zero_on_main:
-            zero = block.zero_pages(pages)
+            zero = self._zero_pages(block, pages)
         elif self.sent is not None:  # qemu-10: the channels find zero pages; only the
             fresh = ~self.sent[i][pages]  # never-sent ones are looked at here, to skip them
             zero = np.zeros(pages.size, dtype=bool)
             if fresh.any():
-                zero[fresh] = block.zero_pages(pages[fresh])
+                zero[fresh] = self._zero_pages(block, pages[fresh])
         if self.sent is not None and zero is not None:
             # A zero page the destination never received needs no transfer: its RAM
             # starts zeroed (QEMU's destination relies on the same, see __init__).
@@ -192,6 +204,31 @@ class RamSaveHandler:
             self._send_pages(block, pages[pos : pos + self.batch],
                              offsets[pos : pos + self.batch])
 
+    def _zero_pages(self, block: RamBlock, pages: np.ndarray) -> np.ndarray:
+        """Zero mask of `pages` (ascending, of the cursor block): scanned ahead or now."""
+        done = int(np.searchsorted(pages, self._scan_end))
+        if done == 0:
+            return block.zero_pages(pages)
+        zero = self._scan_zero[self.cursor_block][pages]
+        if done < pages.size:
+            zero[done:] = block.zero_pages(pages[done:])
+        return zero
+
+    def _scan_ahead(self) -> bool:
+        """Scan the next _SCAN_AHEAD todo pages past the current window; False when the
+        rest of the block is scanned already."""
+        i = self.cursor_block
+        block, todo = self.blocks[i], self.todo[i]
+        start = max(self._scan_end, self._window_end)
+        if start >= block.num_pages:
+            return False
+        end = min(start + _SCAN_AHEAD, block.num_pages)
+        pages = np.flatnonzero(todo[start:end]) + start
+        if pages.size:
+            self._scan_zero[i][pages] = block.zero_pages(pages)
+        self._scan_end = end
+        return True
+
     def _send_pages(self, block: RamBlock, pages: np.ndarray, offsets: np.ndarray) -> None:
         """Pages with data (qemu-10 multifd: maybe zero, the channel looks) of one batch."""
         if self.sender is None:
@@ -204,7 +241,11 @@ class RamSaveHandler:
             return
         self.counters.normal += int(offsets.size)  # qemu-10: corrected by the channel stats
         self.slot.payload(RamPayload).fill(block, offsets)
-        self.slot = self.sender.send(self.slot)
+        while (got := self.sender.try_send(self.slot)) is None:
+            if not self._scan_ahead():  # nothing left to scan: wait for a slot
+                got = self.sender.send(self.slot)
+                break
+        self.slot = got
         self.unsynced = True
 
     def _write_zero(self, block: RamBlock, offsets: np.ndarray) -> None:

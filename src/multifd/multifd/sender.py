@@ -171,6 +171,16 @@ class Sender:
         producers. Raises MultifdError if the Sender failed or (with `timeout`) no channel
         became idle in time.
         """
+        got = self._send(slot, True, timeout)
+        assert got is not None
+        return got
+
+    def try_send(self, slot: SendSlot) -> SendSlot | None:
+        """Like `send`, but returns None at once when no channel has a free slot (the
+        producer may do useful work meanwhile, e.g. scan pages ahead, and try again)."""
+        return self._send(slot, False, None)
+
+    def _send(self, slot: SendSlot, block: bool, timeout: float | None) -> SendSlot | None:
         payload = slot.active
         if payload is None or payload.is_empty():
             raise ValueError("send() of an empty slot")
@@ -193,6 +203,8 @@ class Sender:
                         if ch.spare:
                             break
                     else:
+                        if not block:
+                            return None
                         self._wait(self._idle_cv, deadline, "a free channel slot")
                         continue
                 break
