@@ -42,7 +42,7 @@ from multifd.wire.constants import (
     ram_packet_len,
 )
 from multifd.wire.errors import BadLength
-from multifd.wire.packet import decode_ram_packet
+from multifd.wire.packet import RamPacketEncoder, decode_ram_packet
 from multifd.wire.ram_batch import is_run
 
 # More runs than this in one packet: gather/scatter through the bounce buffer instead of
@@ -59,7 +59,7 @@ class RamPayload(Payload):
     `offsets[:n]` yourself and call `set(block, n)`.
     """
 
-    __slots__ = ("block", "capacity", "num", "offsets", "page_size")
+    __slots__ = ("_bounce", "_encoder", "block", "capacity", "num", "offsets", "page_size")
 
     def __init__(self, page_size: int = 4096) -> None:
         self.page_size = page_size
@@ -67,6 +67,21 @@ class RamPayload(Payload):
         self.offsets = np.zeros(self.capacity, dtype=np.uint64)
         self.block: Any = None
         self.num = 0
+        # The packet this payload becomes (made on first use, kept with the slot): its
+        # header, and a gather buffer for scattered pages, live until the payload is sent.
+        self._encoder: RamPacketEncoder | None = None
+        self._bounce: np.ndarray | None = None
+
+    def encoder(self, layout: PacketLayout) -> RamPacketEncoder:
+        enc = self._encoder
+        if enc is None or enc.layout is not layout:
+            enc = self._encoder = RamPacketEncoder(layout, self.page_size)
+        return enc
+
+    def bounce(self) -> np.ndarray:
+        if self._bounce is None:
+            self._bounce = np.empty((self.capacity, self.page_size), dtype=np.uint8)
+        return self._bounce
 
     @classmethod
     def new_for_slot(cls, page_size: int) -> RamPayload:
@@ -121,13 +136,6 @@ def page_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx[starts], lengths
 
 
-class _SendState:
-    __slots__ = ("bounce",)
-
-    def __init__(self, page_size: int) -> None:
-        self.bounce = np.empty((page_count(page_size), page_size), dtype=np.uint8)
-
-
 class RamSendOps(SendOps):
     payload_type = RamPayload
     stat_name = "ram"
@@ -160,14 +168,14 @@ class RamSendOps(SendOps):
                                     for s, c in zip(starts.tolist(), lengths.tolist(),
                                                     strict=True)]
             else:
-                bounce = ch.state(self, lambda: _SendState(ps)).bounce
+                bounce = payload.bounce()
                 np.take(block.pages, idx, axis=0, out=bounce[:nn])
                 pages = [memoryview(bounce[:nn]).cast("B")]
             data = ch.compressor.compress_packet(pages)
             size = sum(memoryview(b).nbytes for b in data) if ch.compression_flag else nn * ps
         nz_count = zero_off.shape[0]
         flags = ch.compression_flag if (nn or nz_count) else 0
-        header = ch.encoder.encode(
+        header = payload.encoder(ch.layout).encode(
             flags=flags,
             packet_num=ch.next_packet_num(),
             ramblock=block.name,

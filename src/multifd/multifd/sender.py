@@ -347,25 +347,30 @@ class Sender:
                         ch.cv.wait()
                     if self._error is not None:
                         return
-                    job = ch.queue[0] if ch.queue else None
-                    if job is None and not ch.pending_sync:
+                    jobs = list(ch.queue)  # every queued packet goes out in one gather
+                    if not jobs and not ch.pending_sync:
                         return  # quit with nothing pending
-                if job is not None:
-                    payload = job.active
-                    ops = send_ops_for(payload)  # type: ignore[arg-type]
-                    logical = ops.logical_bytes(payload)
-                    bufs = byte_views(ops.prepare(payload, ch))
-                    wire = sum(len(v) for v in bufs)
+                if jobs:
+                    bufs: list[memoryview] = []
+                    for job in jobs:
+                        payload = job.active
+                        ops = send_ops_for(payload)  # type: ignore[arg-type]
+                        logical = ops.logical_bytes(payload)
+                        views = byte_views(ops.prepare(payload, ch))
+                        wire = sum(len(v) for v in views)
+                        bufs += views
+                        st.add("packets", 1)
+                        st.add("wire_bytes", wire)
+                        st.add("wire_bytes_" + ops.stat_name, wire)
+                        st.add("logical_bytes", logical)
                     if limiter is not None:
-                        limiter.consume(wire)
+                        limiter.consume(sum(len(v) for v in bufs))
                     sendmsg_all(ch.sock, bufs)
-                    st.add("packets", 1)
-                    st.add("wire_bytes", wire)
-                    st.add("wire_bytes_" + ops.stat_name, wire)
-                    st.add("logical_bytes", logical)
-                    job.clear()
+                    for job in jobs:
+                        job.clear()
                     with self._mu:
-                        ch.spare.append(ch.queue.popleft())
+                        for _ in jobs:
+                            ch.spare.append(ch.queue.popleft())
                         self._idle_cv.notify_all()
                 else:
                     header = ch.encoder.encode_sync(ch.next_packet_num())

@@ -117,7 +117,6 @@ class SendChannelContext(Protocol):
     layout: PacketLayout
     page_size: int
     zero_page_detection: bool
-    encoder: Any  # wire.packet.RamPacketEncoder
     compressor: Any  # compress method's per-channel compressor
     compression_flag: int
     stats: ChannelStats
@@ -151,7 +150,12 @@ class SendOps(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, payload: Any, ch: SendChannelContext) -> list[Any]:
-        """Buffers of one packet (header first), built with the channel's resources."""
+        """Buffers of one packet (header first), built with the channel's resources.
+
+        They must stay valid until the payload is cleared: the channel may prepare every
+        queued packet first and write them all in one gather call. Scratch memory that a
+        buffer points into belongs to the payload, not to the channel.
+        """
 
     @abc.abstractmethod
     def logical_bytes(self, payload: Any) -> int:
