@@ -11,13 +11,17 @@ unlimited (ours: 0; QEMU: 1e12), from a source process to a destination process:
   for the blob, `-S`, `-incoming defer` on the destination).
 
 Runs are interleaved (ours, QEMU, QEMU, ours, ...) so noise on this 2-core machine hits
-both; the report gives medians. Time = the source's query-migrate total-time; page-data
-GiB/s = ram.normal-bytes / total-time. The destination's RAM is checked against the blob's
-sha256 on the first run of each (our destination hashes its block; QEMU: pmemsave). Our
-destination's peak RSS (VmHWM) must stay within RAM size + 64 MiB.
+both; the report gives medians. After each of our runs, the machine's floor: the same bytes
+over the same number of loopback connections into fresh memory of another process, with no
+protocol at all (`floor_ms`; `--no-floor` skips it). Right before every migration the
+parent touches and frees --warm-mib of memory (benchlib.warm_memory).
+Time = the source's query-migrate total-time; page-data GiB/s = ram.normal-bytes /
+total-time. The destination's RAM is checked against the blob's sha256 on the first run of
+each (our destination hashes its block; QEMU: pmemsave). Our destination's peak RSS (VmHWM)
+must stay within RAM size + 64 MiB.
 
     python bench/engine.py [--runs 5] [--channels 2] [--profile qemu-7.2] [--no-qemu]
-                           [--verify-all] [--json]
+                           [--no-floor] [--warm-mib 2048] [--verify-all] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +261,78 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
         dst.close()
 
 
+# -- the machine's floor -------------------------------------------------------------------
+
+FLOOR_CHUNK = 512 * 1024  # one multifd packet's page data
+
+
+def _floor_dst(args: argparse.Namespace) -> int:
+    """Receive args.data bytes on `channels` connections into fresh THP memory, no protocol."""
+    import mmap
+    import socket
+
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.listen(args.channels)
+    mem = mmap.mmap(-1, args.ram, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(mmap.MADV_HUGEPAGE)
+    view = memoryview(mem)
+    _emit({"event": "listening", "uri": f"{ls.getsockname()[1]}"})
+    conns = [ls.accept()[0] for _ in range(args.channels)]
+    share = args.data // args.channels
+
+    def rx(k: int, c: Any) -> None:
+        base = BLOB_ADDR + k * share
+        for off in range(0, share, FLOOR_CHUNK):
+            n = min(FLOOR_CHUNK, share - off)
+            if c.recv_into(view[base + off : base + off + n], n, socket.MSG_WAITALL) != n:
+                raise RuntimeError("short read")
+
+    ts = [threading.Thread(target=rx, args=(k, c)) for k, c in enumerate(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    _emit({"event": "result", "status": "completed"})
+    return 0
+
+
+def run_floor(args: argparse.Namespace, blob: Path) -> dict[str, Any]:
+    """The machine's floor for this transfer: the blob's bytes over `channels` loopback TCP
+    connections, 512 KiB sendmsg calls from Python threads, into a fresh THP mapping in
+    another process: the copies and page faults any migration pays, without a protocol."""
+    import socket
+
+    dst = _spawn(args, "floor-dst", [])
+    try:
+        port = int(_read_result(dst, "listening", 60)["uri"])
+        with open(blob, "rb") as f:
+            data = memoryview(f.read())
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.channels)]
+        share = args.data // args.channels
+        warm_memory(args.warm_mib * MiB)
+        t0 = time.monotonic()
+
+        def tx(k: int, s: socket.socket) -> None:
+            for off in range(k * share, (k + 1) * share, FLOOR_CHUNK):
+                s.sendall(data[off : off + FLOOR_CHUNK])
+
+        ts = [threading.Thread(target=tx, args=(k, s)) for k, s in enumerate(socks)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        _read_result(dst, "result", CHILD_TIMEOUT_S)
+        ms = (time.monotonic() - t0) * 1000
+        for s in socks:
+            s.close()
+        dst.wait(30)
+        return {"who": "floor", "status": "completed", "total_ms": round(ms, 1)}
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait(10)
+
+
 # -- parent --------------------------------------------------------------------------------
 
 def _median(xs: list[float]) -> float | None:
@@ -289,6 +366,10 @@ def parent(args: argparse.Namespace) -> int:
                 fn = run_ours if who == "ours" else run_qemu
                 try:
                     r = fn(args, blob, blob_sha, verify)
+                    if who == "ours" and not args.no_floor:
+                        floor = run_floor(args, blob)
+                        floor["run"] = i
+                        runs.append(floor)
                 except Exception as exc:
                     r = {"who": who, "status": "failed", "error": str(exc)}
                 r["run"] = i
@@ -302,6 +383,8 @@ def parent(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    floor = [r["total_ms"] for r in runs if r["who"] == "floor"]
+    floor_ms = _median(floor)
     ours = [r for r in runs if r["who"] == "ours" and r["status"] == "completed"]
     qemu = [r for r in runs if r["who"] == "qemu" and r["status"] == "completed"]
     ours_ms = _median([r["total_ms"] for r in ours])
@@ -312,6 +395,9 @@ def parent(args: argparse.Namespace) -> int:
         "ours_ms": ours_ms,
         "qemu_ms": qemu_ms,
         "ratio": round(ours_ms / qemu_ms, 3) if ours_ms and qemu_ms else None,
+        "floor_ms": floor_ms,  # raw loopback copy of the data, no protocol (run_floor)
+        "ours_to_floor": round(ours_ms / floor_ms, 3) if ours_ms and floor_ms else None,
+        "qemu_to_floor": round(qemu_ms / floor_ms, 3) if qemu_ms and floor_ms else None,
         "ours_gib_s": _gib_s(ours),
         "qemu_gib_s": _gib_s(qemu),
         "dest_rss_mib": rss,
@@ -347,6 +433,9 @@ def _print(r: dict[str, Any]) -> None:
               if r["ratio"] else "  ratio: n/a")
     else:
         print("  QEMU 7.2 not installed (or --no-qemu): no baseline")
+    if r["floor_ms"] is not None:
+        print(f"  machine floor (raw 2-connection loopback copy, no protocol): {r['floor_ms']} ms"
+              f"; ours/floor {r['ours_to_floor']}, QEMU/floor {r['qemu_to_floor']}")
     print(f"  destination peak RSS: {r['dest_rss_mib']} MiB (limit {r['dest_rss_limit_mib']:g}"
           f" MiB: {'ok' if r['dest_rss_ok'] else 'EXCEEDED'})")
     print(f"  verified (sha256 of the 1 GiB at the destination): "
@@ -364,11 +453,13 @@ def main() -> int:
     p.add_argument("--warm-mib", type=int, default=2048,
                    help="touch and free this much memory right before each migration, "
                         "ours and QEMU's alike (0: cold; see benchlib.warm_memory)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the machine's floor (raw loopback copy) after each of our runs")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU 7.2 baseline")
     p.add_argument("--verify-all", action="store_true", help="sha256-check every run")
     p.add_argument("--tmpdir", default=None, help="where the blob goes (default: $TMPDIR)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--role", choices=("src", "dst"), help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=("src", "dst", "floor-dst"), help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
     p.add_argument("--blob", help=argparse.SUPPRESS)
     p.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)
@@ -377,6 +468,8 @@ def main() -> int:
         return _destination(args)
     if args.role == "src":
         return _source(args)
+    if args.role == "floor-dst":
+        return _floor_dst(args)
     return parent(args)
 
 
