@@ -366,14 +366,17 @@ def parent(args: argparse.Namespace) -> int:
                 fn = run_ours if who == "ours" else run_qemu
                 try:
                     r = fn(args, blob, blob_sha, verify)
-                    if who == "ours" and not args.no_floor:
-                        floor = run_floor(args, blob)
-                        floor["run"] = i
-                        runs.append(floor)
                 except Exception as exc:
                     r = {"who": who, "status": "failed", "error": str(exc)}
                 r["run"] = i
                 runs.append(r)
+                if who == "ours" and not args.no_floor:
+                    try:
+                        floor = run_floor(args, blob)
+                    except Exception as exc:
+                        floor = {"who": "floor", "status": "failed", "error": str(exc)}
+                    floor["run"] = i
+                    runs.append(floor)
                 if not args.json:
                     print(f"  run {i} {who:4}: {r.get('total_ms')} ms  {r['status']}"
                           + (f"  verified={r['verified']}" if "verified" in r else "")
@@ -383,7 +386,7 @@ def parent(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    floor = [r["total_ms"] for r in runs if r["who"] == "floor"]
+    floor = [r["total_ms"] for r in runs if r["who"] == "floor" and r["status"] == "completed"]
     floor_ms = _median(floor)
     ours = [r for r in runs if r["who"] == "ours" and r["status"] == "completed"]
     qemu = [r for r in runs if r["who"] == "qemu" and r["status"] == "completed"]
@@ -405,7 +408,7 @@ def parent(args: argparse.Namespace) -> int:
         "dest_rss_ok": rss is not None and rss <= rss_limit,
         "verified": all(r.get("verified", True) for r in ours + qemu)
         and any("verified" in r for r in ours),
-        "failures": len(runs) - len(ours) - len(qemu),
+        "failures": sum(r["who"] != "floor" for r in runs) - len(ours) - len(qemu),
         "profile": args.profile, "channels": args.channels, "compression": args.compression,
         "ram_bytes": args.ram, "data_bytes": args.data, "n_runs": args.runs,
         "qemu_accel": qemu[0].get("accel") if qemu else None,
