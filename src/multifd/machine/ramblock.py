@@ -211,11 +211,8 @@ class RamBlock:
         for pos in range(0, cand.shape[0], _ZERO_SCAN_CHUNK):
             part = cand[pos : pos + _ZERO_SCAN_CHUNK]
             pages = idx[part]
-            first, last = int(pages[0]), int(pages[-1])
-            if last - first + 1 == pages.shape[0] and (
-                pages.shape[0] == 1 or is_run(pages, 1)
-            ):
-                rows = words[first : last + 1]
+            if is_run(pages, 1):
+                rows = words[int(pages[0]) : int(pages[-1]) + 1]
                 if not np.count_nonzero(rows):  # the usual case: all zero, one fast pass
                     continue
             else:

@@ -43,7 +43,7 @@ from multifd.wire.constants import (
 )
 from multifd.wire.errors import BadLength
 from multifd.wire.packet import RamPacketEncoder, decode_ram_packet
-from multifd.wire.ram_batch import is_run
+from multifd.wire.ram_batch import is_page_run, is_run
 
 # More runs than this in one packet: gather/scatter through the bounce buffer instead of
 # one iovec per run (a memcpy of <= 512 KiB is cheaper than many tiny iovecs + Python).
@@ -106,7 +106,7 @@ class RamPayload(Payload):
             if block.page_size != ps:
                 raise ValueError(f"block {block.name!r} page size {block.page_size} != {ps}")
             limit = block.used_length - ps
-            if not (int(offs[0]) % ps == 0 and int(offs[-1]) <= limit and is_run(offs, ps)) and (
+            if not is_page_run(offs, ps, limit) and (
                 int(offs.max()) > limit or (offs % ps).any()
             ):
                 raise ValueError(f"offsets outside or unaligned in block {block.name!r}")
@@ -124,7 +124,7 @@ class RamPayload(Payload):
 def page_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start page, length) of each run of consecutive page indices, in list order."""
     n = idx.shape[0]
-    if n == 1 or is_run(idx, 1):
+    if is_run(idx, 1):
         return idx[:1], np.array([n], dtype=np.int64)
     brk = np.flatnonzero(idx[1:] != idx[:-1] + 1) + 1
     starts = np.empty(brk.shape[0] + 1, dtype=np.int64)

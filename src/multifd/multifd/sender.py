@@ -29,8 +29,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from multifd.compress import get_method
 from multifd.multifd._io import byte_views, sendmsg_all
@@ -75,7 +74,6 @@ class SendChannel:
         self.stats = ChannelStats(sender.stats)
         self.thread: threading.Thread | None = None
         self._counter = sender._packet_counter
-        self._state: dict[int, Any] = {}
 
     @property
     def pending_job(self) -> bool:
@@ -84,14 +82,6 @@ class SendChannel:
     def next_packet_num(self) -> int:
         """Global packet number (shared by all channels; SYNCs consume numbers too)."""
         return next(self._counter)  # itertools.count: atomic under the GIL
-
-    def state(self, ops: object, factory: Callable[[], Any]) -> Any:
-        """Per-channel state owned by a payload kind's ops (e.g. a bounce buffer)."""
-        key = id(ops)
-        st = self._state.get(key)
-        if st is None:
-            st = self._state[key] = factory()
-        return st
 
 
 class Sender:
@@ -352,6 +342,7 @@ class Sender:
                         return  # quit with nothing pending
                 if jobs:
                     bufs: list[memoryview] = []
+                    total = 0
                     for job in jobs:
                         payload = job.active
                         ops = send_ops_for(payload)  # type: ignore[arg-type]
@@ -359,12 +350,13 @@ class Sender:
                         views = byte_views(ops.prepare(payload, ch))
                         wire = sum(len(v) for v in views)
                         bufs += views
+                        total += wire
                         st.add("packets", 1)
                         st.add("wire_bytes", wire)
                         st.add("wire_bytes_" + ops.stat_name, wire)
                         st.add("logical_bytes", logical)
                     if limiter is not None:
-                        limiter.consume(sum(len(v) for v in bufs))
+                        limiter.consume(total)
                     sendmsg_all(ch.sock, bufs)
                     for job in jobs:
                         job.clear()

@@ -122,7 +122,6 @@ class SendChannelContext(Protocol):
     stats: ChannelStats
 
     def next_packet_num(self) -> int: ...
-    def state(self, ops: object, factory: Callable[[], Any]) -> Any: ...
 
 
 class RecvChannelContext(Protocol):

@@ -63,7 +63,7 @@ from multifd.wire.errors import (
     UnsupportedVersion,
     WireError,
 )
-from multifd.wire.ram_batch import is_run
+from multifd.wire.ram_batch import is_page_run
 
 __all__ = [
     "DEFAULT_MAX_DEVICE_STATE_PAYLOAD",
@@ -327,12 +327,8 @@ def decode_ram_packet(
             raise BadName("unknown RAM block", field="ramblock", value=ramblock)
         offs = np.frombuffer(buf, dtype=">u8", count=used,
                              offset=MULTIFD_PACKET_HEADER_SIZE).astype(np.uint64)
-        first, last = int(offs[0]), int(offs[-1])
-        if not first % page_size and is_run(offs, page_size) and (
-            blocks is None or last <= blocks[ramblock] - page_size
-        ):
-            pass  # consecutive pages: aligned and in range by their first and last offset
-        else:
+        limit = None if blocks is None else blocks[ramblock] - page_size
+        if not is_page_run(offs, page_size, limit):  # the common packet needs no more
             _check_offsets(offs, page_size, ramblock, blocks)
     else:
         offs = np.empty(0, dtype=np.uint64)

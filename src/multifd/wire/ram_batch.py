@@ -42,6 +42,17 @@ def is_run(values: np.ndarray, step: int) -> bool:
     return (values - values[0]).tobytes() == _run_template(step)[: n * 8]
 
 
+def is_page_run(offsets: np.ndarray, page_size: int, limit: int | None) -> bool:
+    """True if `offsets` are consecutive page-aligned offsets in order, the last one at
+    most `limit` (None: no bound): such a batch is valid by its first and last entry."""
+    return (
+        offsets.shape[0] > 0
+        and int(offsets[0]) % page_size == 0
+        and (limit is None or int(offsets[-1]) <= limit)
+        and is_run(offsets, page_size)
+    )
+
+
 def _name_prefix(block: str, offset: int, flag: int) -> bytes:
     name = block.encode()
     if not 0 < len(name) < 256:
