@@ -193,6 +193,24 @@ def test_zero_out_leaves_untouched_pages_unallocated() -> None:
         blk.close()
 
 
+def test_zero_out_with_a_received_map_writes_only_received_pages() -> None:
+    import numpy as np
+
+    from multifd.machine.ramblock import RamBlock, received_maps
+
+    blk = RamBlock("z", 1 << 20)
+    try:
+        received = received_maps({"z": blk})["z"]
+        assert received.shape == (blk.num_pages,) and not received.any()
+        blk.pages[[1, 2]] = 9
+        received[[2, 5]] = True
+        # Page 1 is not in the map: the caller promised it is zero, so it is not looked at.
+        assert blk.zero_out(np.arange(8), received) == 2
+        assert blk.pages[1].all() and not blk.pages[2].any()
+    finally:
+        blk.close()
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:

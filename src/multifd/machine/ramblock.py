@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -220,15 +221,18 @@ class RamBlock:
             zero[part] = rows.max(axis=1) == 0  # max: ~1.5x faster than any() here
         return zero
 
-    def zero_out(self, idx: np.ndarray) -> int:
-        """Make the pages `idx` zero, writing only those that are not zero already: an
-        untouched page reads as zero without being allocated, and writing it would fault it
-        in (a fresh destination receives most zero pages for memory it never touched).
-        Returns how many pages were written."""
+    def zero_out(self, idx: np.ndarray, received: np.ndarray | None = None) -> int:
+        """Make the pages `idx` zero, writing only those that may not be zero: an untouched
+        page reads as zero without being allocated, and writing it would fault it in (a
+        fresh destination receives most zero pages for memory it never touched).
+
+        `received` (bool per page, fresh RAM only): the pages written since the block was
+        zero; the others are skipped without a look (QEMU's receivedmap). Without it, each
+        page is scanned. Returns how many pages were written."""
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size == 0:
             return 0
-        dirty = idx[~self.zero_pages(idx)]
+        dirty = idx[received[idx]] if received is not None else idx[~self.zero_pages(idx)]
         if dirty.size:
             self.pages[dirty] = 0
         return int(dirty.size)
@@ -271,3 +275,9 @@ class RamBlock:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.used_length} bytes"
         return f"RamBlock({self.name!r}, {state}, page_size={self.page_size})"
+
+
+def received_maps(blocks: Mapping[str, RamBlock]) -> dict[str, np.ndarray]:
+    """An all-False "received" map (bool per page) per block of fresh, all-zero RAM, for
+    the loaders that fill it: see `RamBlock.zero_out`."""
+    return {name: np.zeros(b.num_pages, dtype=bool) for name, b in blocks.items()}

@@ -30,6 +30,7 @@ from typing import Any
 
 from multifd.machine.device import Device
 from multifd.machine.machine import Machine
+from multifd.machine.ramblock import received_maps
 from multifd.migration.device_state import DeviceStateLoader, multifd_device_state_supported
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
@@ -75,7 +76,8 @@ class MigrationDestination:
 
     The machine's RAM must start zeroed (a fresh machine), as QEMU's destination assumes:
     the source does not send zero pages it never sent before, and with `fresh_ram` the
-    channels skip zero pages they never received instead of touching the memory.
+    channels and the main stream skip zero pages never received instead of touching
+    the memory.
     """
 
     def __init__(
@@ -93,6 +95,8 @@ class MigrationDestination:
         autostart: Callable[[], bool] | bool = True,
     ) -> None:
         self.fresh_ram = fresh_ram
+        # Pages written by this migration (fresh RAM only), main stream and channels alike.
+        self._received = received_maps(machine.blocks) if fresh_ram else {}
         # QEMU's -S: with autostart off the machine stays paused after the migration.
         self._autostart = autostart if callable(autostart) else (lambda: bool(autostart))
         self.machine = machine
@@ -243,6 +247,7 @@ class MigrationDestination:
                 blocks=dict(self.machine.blocks),
                 device_state_sink=self._device_state_buffer,
                 fresh_ram=self.fresh_ram,
+                received=self._received,
             )
             for i, c in enumerate(chans):
                 try:
@@ -311,17 +316,23 @@ class MigrationDestination:
     def _apply(self, rec: Any) -> bool:
         """Apply one record; True once the stream is complete (EOF seen, vmdesc optional)."""
         blocks = self.machine.blocks
+        received = self._received
         if isinstance(rec, RamZero):
             blk = blocks[rec.block]
             blk.pages[rec.offset // blk.page_size] = rec.fill
+            if received:
+                received[rec.block][rec.offset // blk.page_size] = True
             self._main_zero += 1
         elif isinstance(rec, RamZeroRun):
             blk = blocks[rec.block]
-            blk.zero_out(rec.offsets // blk.page_size)  # untouched pages stay untouched
+            # Untouched pages stay untouched.
+            blk.zero_out(rec.offsets // blk.page_size, received.get(rec.block))
             self._main_zero += int(rec.offsets.size)
         elif isinstance(rec, RamPage):
             blk = blocks[rec.block]
             blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
+            if received:
+                received[rec.block][rec.offset // blk.page_size] = True
             self._main_normal += 1
         elif isinstance(rec, RamEos):
             if self.receiver is not None and self.profile.sync_per_section:

@@ -273,13 +273,7 @@ class RamRecvOps(RecvOps):
                 zidx = (offsets[nn : nn + nzero] // ps).astype(np.int64)
                 # Write only pages that may hold data (QEMU skips the others too): with
                 # fresh RAM, pages never received are zero already; otherwise look.
-                received = cfg.received.get(hdr.ramblock)
-                if received is not None:
-                    zidx = zidx[received[zidx]]
-                    if zidx.shape[0]:
-                        block.pages[zidx] = 0
-                else:
-                    block.zero_out(zidx)
+                block.zero_out(zidx, cfg.received.get(hdr.ramblock))
                 st.add("zero_pages", nzero)
         return bool(hdr.is_sync)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from multifd.compress import get_method
+from multifd.machine.ramblock import received_maps
 from multifd.multifd._io import recv_exact_into, recvmsg_exact_into
 from multifd.multifd.slots import ChannelStats, MultifdError, Stats, recv_ops_table
 from multifd.wire.constants import (
@@ -86,7 +87,9 @@ class Receiver:
     buffers on the channel thread (it should only store them). `max_payload` bounds a
     device-state buffer. `on_error(err)` is called once, from the failing thread.
     `fresh_ram=True` promises the blocks are all zero now (a new machine): zero pages
-    never received are then skipped without touching memory.
+    never received are then skipped without touching memory. `received` (with fresh_ram)
+    shares that map (bool per page, by block name) with the main-stream loader, which
+    writes pages too and skips ZERO records the same way.
     Sockets passed to `add_channel` are owned by the Receiver afterwards.
     """
 
@@ -104,6 +107,7 @@ class Receiver:
         on_error: Callable[[MultifdError], None] | None = None,
         stats: Stats | None = None,
         fresh_ram: bool = False,
+        received: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if not 1 <= channels <= 255:
             raise ValueError(f"multifd needs 1..255 channels, got {channels}")
@@ -120,8 +124,8 @@ class Receiver:
         # fresh_ram: the blocks are all zero before the migration (a new machine), so a
         # zero page never received needs no write and no read (QEMU's recv bitmap).
         self.received: dict[str, np.ndarray] = (
-            {name: np.zeros(b.num_pages, dtype=bool) for name, b in self.blocks.items()}
-            if fresh_ram else {})
+            {} if not fresh_ram else dict(received) if received is not None
+            else received_maps(self.blocks))
         self.device_state_sink = device_state_sink
         self.max_payload = max_payload
         self.on_error = on_error

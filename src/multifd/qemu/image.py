@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifd.machine.ramblock import RamBlock
+from multifd.machine.ramblock import RamBlock, received_maps
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import RAM_SECTION_IDSTR, Command, SectionType
 from multifd.wire.errors import BadName, BadRecordType, Mismatch, Truncated, WireError
@@ -147,6 +147,9 @@ class StreamRecorder:
     _ram: _RamState = field(default_factory=_RamState, init=False)
     _ram_start: SectionHeader | None = field(default=None, init=False)
     _blocks: dict[str, RamBlock] = field(default_factory=dict, init=False)
+    # Pages written so far, per block (the blocks start zero): ZERO records for the others
+    # need no write and no look. Shared with the multifd Receiver (on_blocks).
+    received: dict[str, np.ndarray] = field(default_factory=dict, init=False)
     _lengths: dict[str, int] = field(default_factory=dict, init=False)
     _switchover: bool = field(default=False, init=False)
     _tail: bytearray = field(default_factory=bytearray, init=False)
@@ -220,18 +223,21 @@ class StreamRecorder:
 
     def _apply(self, rec: object) -> None:
         if isinstance(rec, RamZero):
-            blk = self._blocks[rec.block]
+            blk, page = self._blocks[rec.block], rec.offset // self.page_size
             if rec.fill:
-                blk.pages[rec.offset // self.page_size] = rec.fill
+                blk.pages[page] = rec.fill
+                self.received[rec.block][page] = True
             else:
-                blk.zero_out(np.array([rec.offset // self.page_size]))
+                blk.zero_out(np.array([page]), self.received[rec.block])
             self.main_zero += 1
         elif isinstance(rec, RamZeroRun):
-            self._blocks[rec.block].zero_out(rec.offsets // self.page_size)
+            self._blocks[rec.block].zero_out(rec.offsets // self.page_size,
+                                             self.received[rec.block])
             self.main_zero += int(rec.offsets.shape[0])
         elif isinstance(rec, RamPage):
             blk = self._blocks[rec.block]
             blk.view[rec.offset : rec.offset + self.page_size] = rec.data
+            self.received[rec.block][rec.offset // self.page_size] = True
             self.main_normal += 1
         elif isinstance(rec, RamEos | RamMultifdFlush):
             if self.on_marker is not None:
@@ -293,6 +299,7 @@ class StreamRecorder:
             self._lengths[info.name] = info.used_length
             self._blocks[info.name] = RamBlock(info.name, info.used_length,
                                                page_size=self.page_size)
+        self.received = received_maps(self._blocks)
         if self.on_blocks is not None:
             self.on_blocks(self._blocks)
 

@@ -64,7 +64,7 @@ from multifd.transport.tls import (
     connect_tls_channels,
 )
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri
-from multifd.wire.constants import PacketLayout, SectionType, page_count
+from multifd.wire.constants import SectionType, page_count
 from multifd.wire.errors import WireError
 from multifd.wire.ram import RamEos, RamMultifdFlush, encode_ram_record
 from multifd.wire.stream import FileHeader, encode_record
@@ -179,8 +179,9 @@ class _Incoming:
             return
         cfg = self.rec.configuration
         want = resolve_uuid(self.uuid, cfg.uuid if cfg else None)
-        self.receiver = _receiver(channels=self.n, uuid=want, layout=self.profile.layout,
-                                  compression=self.compression, blocks=blocks)
+        self.receiver = Receiver(channels=self.n, uuid=want, layout=self.profile.layout,
+                                 compression=self.compression, blocks=blocks,
+                                 fresh_ram=True, received=self.rec.received)
         socks, self.chan_socks = self.chan_socks, []
         for i, s in enumerate(socks):
             try:
@@ -535,12 +536,6 @@ def migrate_to_qemu(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _receiver(*, channels: int, uuid: bytes, layout: PacketLayout, compression: str,
-              blocks: dict[str, RamBlock]) -> Receiver:
-    return Receiver(channels=channels, uuid=uuid, layout=layout, compression=compression,
-                    blocks=blocks, fresh_ram=True)
 
 
 def _describe(e: BaseException) -> str:
