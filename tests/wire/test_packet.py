@@ -233,6 +233,10 @@ def test_ram_packet_round_trip_property(case: tuple[PacketLayout, int, dict]) ->
     assert hdr.compression == kw["flags"] & 0x0E
     assert np.array_equal(hdr.normal_offsets, kw["normal"])
     assert np.array_equal(hdr.zero_offsets, kw["zero"] if z else [])
+    used = hdr.offsets
+    run = n + z > 0 and np.array_equal(used, used[0] + np.arange(n + z, dtype=np.uint64)
+                                       * np.uint64(page_size))
+    assert hdr.run_start == (int(used[0]) if run else None)
     # unused offset positions are zero on the wire
     tail = np.frombuffer(raw, dtype=">u8", offset=320 + 8 * (n + z))
     assert not tail.any()
@@ -283,6 +287,13 @@ def _set64(buf: bytearray, off: int, v: int) -> bytearray:
         (lambda b: b, HEAD, {"normal": np.zeros(0, np.uint64), "next_packet_size": 5},
          BadLength, "zero-only"),
         (lambda b: b[:-1], HEAD, {}, BadLength, "wrong size"),
+        # consecutive runs (validated by their first and last offset) are checked too
+        (lambda b: b, V72, {"normal": np.array([0x100800, 0x101800], np.uint64)},
+         BadOffset, "page-aligned"),
+        (lambda b: b, V72, {"normal": np.array([0x3FFF000, 0x4000000], np.uint64)},
+         BadOffset, "outside"),
+        (lambda b: b, HEAD, {"normal": np.array([0x3FFE000, 0x3FFF000], np.uint64),
+                             "zero": np.array([0x4000000], np.uint64)}, BadOffset, "outside"),
     ],
 )
 def test_ram_packet_validation(mutate, layout, kw, exc, text) -> None:  # type: ignore[no-untyped-def]

@@ -99,3 +99,19 @@ def test_batched_zero_run_checks_offsets_against_the_block() -> None:
         assert "used_length" in str(e)
     else:
         raise AssertionError("an offset past the block was accepted")
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(1, 300), st.sampled_from([1, 4096, 1 << 16]),
+       st.integers(-1, 299), st.integers(1, 1 << 63))
+def test_be64_run_start_is_exactly_the_consecutive_check(first: int, n: int, step: int,
+                                                         poke: int, delta: int) -> None:
+    """be64_run_start (one big-int compare) says the same as an entry-by-entry check,
+    also when an entry is off by any amount or the run would pass 2**64."""
+    from multifd.wire.ram_batch import be64_run_start
+
+    values = [(first + i * step) % (1 << 64) for i in range(n)]
+    if 0 <= poke < n:
+        values[poke] = (values[poke] + delta) % (1 << 64)
+    raw = b"\xee" * 3 + b"".join(v.to_bytes(8, "big") for v in values)
+    consecutive = all(values[i] == values[0] + i * step for i in range(n))
+    assert be64_run_start(memoryview(raw), 3, n, step) == (values[0] if consecutive else None)

@@ -195,10 +195,11 @@ class RamSendOps(SendOps):
 
 
 class _RecvState:
-    __slots__ = ("inbuf", "scratch", "scratch_view")
+    __slots__ = ("inbuf", "plen", "scratch", "scratch_view")
 
     def __init__(self, page_size: int, compressed: bool) -> None:
         n = page_count(page_size)
+        self.plen = ram_packet_len(page_size)
         self.scratch = np.empty((n, page_size), dtype=np.uint8)
         self.scratch_view = memoryview(self.scratch).cast("B")
         self.inbuf = memoryview(bytearray(MULTIFD_MAX_COMPRESSED_PAYLOAD)) if compressed else None
@@ -213,7 +214,9 @@ class RamRecvOps(RecvOps):
 
     def receive(self, ch: RecvChannelContext, flags: int) -> bool:
         ps = ch.page_size
-        plen = ram_packet_len(ps)
+        compressed = ch.decompressor is not None
+        state = ch.state(self, lambda: _RecvState(ps, compressed))
+        plen = state.plen
         header = ch.header[:plen]
         ch.read_exact(header[MULTIFD_COMMON_HEADER_SIZE:])
         cfg = ch.config
@@ -230,52 +233,62 @@ class RamRecvOps(RecvOps):
         # A packet without normal pages has no payload: 7.2 leaves a stale
         # next_packet_size there (qemu72-peer.md 4.2, quirk 3), and QEMU ignores it.
         size = hdr.payload_size
-        compressed = ch.decompressor is not None
         if not compressed and size != nn * ps:
             raise BadLength("nocomp payload size differs from normal_pages x page size",
                             field="next_packet_size", value=size)
         st = ch.stats
         st.add("wire_bytes_ram", plen + size)
-        if nn or nzero:
-            block = cfg.blocks[hdr.ramblock]
-            offsets = hdr.offsets
+        if not nn and not nzero:
+            return hdr.is_sync
+        block = cfg.blocks[hdr.ramblock]
+        received = cfg.received.get(hdr.ramblock)
+        run = hdr.run_start
+        if run is not None:
+            # The common packet: consecutive pages, normal ones first. One view of RAM,
+            # no per-page index arrays (the interpreter runs cache-cold after a copy).
+            first = run // ps
             if nn:
-                idx = (offsets[:nn] // ps).astype(np.int64)
-                starts, lengths = page_runs(idx)
-                single = starts.shape[0] == 1
-                few = starts.shape[0] <= MAX_RUNS
-                state = ch.state(self, lambda: _RecvState(ps, compressed))
-                if not compressed:
-                    if few:
-                        view = block.view
-                        ch.read_scatter([view[s * ps : (s + c) * ps] for s, c in
-                                         zip(starts.tolist(), lengths.tolist(), strict=True)])
-                    else:
-                        ch.read_exact(state.scratch_view[: nn * ps])
-                        block.pages[idx] = state.scratch[:nn]
-                else:
+                dest = block.view[first * ps : (first + nn) * ps]
+                if compressed:
                     payload = state.inbuf[:size]
                     ch.read_exact(payload)
-                    if single:
-                        s = int(starts[0])
-                        ch.decompressor.decompress_packet(payload, block.view[s * ps:(s + nn) * ps])
-                    else:
-                        ch.decompressor.decompress_packet(payload, state.scratch_view[: nn * ps])
-                        block.pages[idx] = state.scratch[:nn]
-                received = cfg.received.get(hdr.ramblock)
+                    ch.decompressor.decompress_packet(payload, dest)
+                else:
+                    ch.read_exact(dest)
                 if received is not None:
-                    if single:
-                        received[int(starts[0]) : int(starts[0]) + nn] = True
-                    else:
-                        received[idx] = True
+                    received[first : first + nn] = True
                 st.add("normal_pages", nn)
             if nzero:
-                zidx = (offsets[nn : nn + nzero] // ps).astype(np.int64)
-                # Write only pages that may hold data (QEMU skips the others too): with
-                # fresh RAM, pages never received are zero already; otherwise look.
-                block.zero_out(zidx, cfg.received.get(hdr.ramblock))
+                block.zero_out(np.arange(first + nn, first + nn + nzero), received)
                 st.add("zero_pages", nzero)
-        return bool(hdr.is_sync)
+            return hdr.is_sync
+        offsets = hdr.offsets
+        if nn:
+            idx = (offsets[:nn] // ps).astype(np.int64)
+            if compressed:
+                payload = state.inbuf[:size]
+                ch.read_exact(payload)
+                ch.decompressor.decompress_packet(payload, state.scratch_view[: nn * ps])
+                block.pages[idx] = state.scratch[:nn]
+            else:
+                starts, lengths = page_runs(idx)
+                if starts.shape[0] <= MAX_RUNS:
+                    view = block.view
+                    ch.read_scatter([view[s * ps : (s + c) * ps] for s, c in
+                                     zip(starts.tolist(), lengths.tolist(), strict=True)])
+                else:
+                    ch.read_exact(state.scratch_view[: nn * ps])
+                    block.pages[idx] = state.scratch[:nn]
+            if received is not None:
+                received[idx] = True
+            st.add("normal_pages", nn)
+        if nzero:
+            zidx = (offsets[nn : nn + nzero] // ps).astype(np.int64)
+            # Write only pages that may hold data (QEMU skips the others too): with
+            # fresh RAM, pages never received are zero already; otherwise look.
+            block.zero_out(zidx, received)
+            st.add("zero_pages", nzero)
+        return hdr.is_sync
 
 
 register_send_ops(RamSendOps())

@@ -63,7 +63,7 @@ from multifd.wire.errors import (
     UnsupportedVersion,
     WireError,
 )
-from multifd.wire.ram_batch import is_page_run
+from multifd.wire.ram_batch import be64_run_start
 
 __all__ = [
     "DEFAULT_MAX_DEVICE_STATE_PAYLOAD",
@@ -218,6 +218,9 @@ class RamPacketHeader:
     ramblock: str
     offsets: np.ndarray
     layout: PacketLayout = PacketLayout.HEAD
+    # offsets[0] when the used offsets are consecutive pages (the common packet: one run
+    # of memory, no per-page work), else None.
+    run_start: int | None = None
 
     @property
     def is_sync(self) -> bool:
@@ -327,14 +330,20 @@ def decode_ram_packet(
             raise BadName("unknown RAM block", field="ramblock", value=ramblock)
         offs = np.frombuffer(buf, dtype=">u8", count=used,
                              offset=MULTIFD_PACKET_HEADER_SIZE).astype(np.uint64)
-        limit = None if blocks is None else blocks[ramblock] - page_size
-        if not is_page_run(offs, page_size, limit):  # the common packet needs no more
+        # The common packet (consecutive pages) is valid by its first and last offset.
+        run = be64_run_start(buf, MULTIFD_PACKET_HEADER_SIZE, used, page_size)
+        if run is not None and (run % page_size or (blocks is not None and (
+                run + (used - 1) * page_size > blocks[ramblock] - page_size))):
+            run = None
+        if run is None:
             _check_offsets(offs, page_size, ramblock, blocks)
     else:
         offs = np.empty(0, dtype=np.uint64)
+        run = None
     return RamPacketHeader(
         flags=flags, pages_alloc=alloc, normal_pages=normal, next_packet_size=nps,
         packet_num=num, zero_pages=zero, ramblock=ramblock, offsets=offs, layout=layout,
+        run_start=run,
     )
 
 
