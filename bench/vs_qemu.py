@@ -14,11 +14,16 @@ with its default machine type (profile qemu-10). Per version and run, interleave
   the channels closed: where a QEMU source's total-time ends too). `loaded_ms` runs on
   until the destination closed the main channel (fully loaded).
 
+* qemu_to_sink: source QEMU -> a child of this script that only reads every connection
+  (MSG_WAITALL, 512 KiB at a time, into one reused buffer; no parsing, no guest memory):
+  the fastest any destination could take the stream on this machine, for scale
+  (`--no-sink` skips it).
+
 The first run of each path checks the destination's RAM (pmemsave sha256 for QEMU; for
 ours the replayed QEMU's RAM proves the image). Ratios: incoming_ratio = qemu_to_ours /
 qemu_to_qemu, migrate_ratio = ours_to_qemu / qemu_to_qemu (goal: both <= 1.0).
 
-    python bench/vs_qemu.py [--runs 3] [--channels 2] [--versions 7.2,10.0] [--json]
+    python bench/vs_qemu.py [--runs 3] [--channels 2] [--versions 7.2,10.0] [--no-sink] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +154,45 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
             inc.wait(10)
 
 
+def _sink(port: int) -> int:
+    """Child: accept on 127.0.0.1:port and read every connection to EOF, discarding."""
+    ls = socket.create_server(("127.0.0.1", port))
+
+    def drain(c: socket.socket) -> None:
+        buf = bytearray(512 * 1024)
+        with c:
+            while c.recv_into(buf, len(buf), socket.MSG_WAITALL):
+                pass
+
+    while True:  # the parent kills us once the source is done
+        c, _ = ls.accept()
+        threading.Thread(target=drain, args=(c,), daemon=True).start()
+
+
+def qemu_to_sink(version: str, args: argparse.Namespace, blob: Path) -> dict[str, Any]:
+    port = _free_port()
+    sink = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "sink",
+                             "--port", str(port)])
+    src = None
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            if sink.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the sink did not listen")
+            time.sleep(0.02)
+        src = _qemu(version, blob, args.mem_mib, "src")
+        _config(src, args.channels)
+        warm_memory(args.warm_mib * MiB)
+        src.migrate(f"tcp:127.0.0.1:{port}")
+        q = src.wait_migration(TIMEOUT_S)
+        return {"ms": q.get("total-time")}
+    finally:
+        if src is not None:
+            src.close()
+        sink.kill()
+        sink.wait(10)
+
+
 _IMAGES: dict[Path, VmImage] = {}
 
 
@@ -187,15 +232,19 @@ def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, 
                   ) -> dict[str, Any]:
     image = tmp / f"image-{version}.bin"
     runs: dict[str, list[dict[str, Any]]] = {"qemu_to_qemu": [], "qemu_to_ours": [],
-                                             "ours_to_qemu": []}
+                                             "ours_to_qemu": [], "qemu_to_sink": []}
     for i in range(args.runs):
         order = ["qemu_to_qemu", "qemu_to_ours", "ours_to_qemu"]
         if i % 2:
             order = ["qemu_to_ours", "qemu_to_qemu", "ours_to_qemu"]
+        if not args.no_sink:
+            order.append("qemu_to_sink")
         for path in order:
             verify = i == 0
             try:
-                if path == "qemu_to_qemu":
+                if path == "qemu_to_sink":
+                    r = qemu_to_sink(version, args, blob)
+                elif path == "qemu_to_qemu":
                     r = qemu_to_qemu(version, args, blob, sha, verify)
                 elif path == "qemu_to_ours":
                     tgt = image if i == 0 else tmp / f"image-{version}-scratch.bin"
@@ -215,7 +264,8 @@ def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, 
                       + (f"  verified={r['verified']}" if "verified" in r else "")
                       + (f"  ERROR {r['error'][:300]}" if "error" in r else ""),
                       file=sys.stderr)
-    q2q, q2o, o2q = (_med(runs[k]) for k in ("qemu_to_qemu", "qemu_to_ours", "ours_to_qemu"))
+    q2q, q2o, o2q, q2s = (_med(runs[k]) for k in ("qemu_to_qemu", "qemu_to_ours",
+                                                  "ours_to_qemu", "qemu_to_sink"))
     cached = _IMAGES.pop(image, None)
     if cached is not None:
         cached.close()
@@ -224,6 +274,7 @@ def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, 
     return {
         "version": version, "profile": PROFILE[version],
         "qemu_to_qemu_ms": q2q, "qemu_to_ours_ms": q2o, "ours_to_qemu_ms": o2q,
+        "qemu_to_sink_ms": q2s,
         "incoming_ratio": round(q2o / q2q, 3) if q2o and q2q else None,
         "migrate_ratio": round(o2q / q2q, 3) if o2q and q2q else None,
         "verified": bool(verified) and all(verified),
@@ -244,8 +295,13 @@ def main() -> int:
     p.add_argument("--ram", type=int, default=2 * GiB, help=argparse.SUPPRESS)
     p.add_argument("--data", type=int, default=GiB, help=argparse.SUPPRESS)
     p.add_argument("--tmpdir", default=None, help="blob and images (default: $TMPDIR)")
+    p.add_argument("--no-sink", action="store_true", help="skip QEMU -> read-only sink")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--role", choices=("sink",), help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.role == "sink":
+        return _sink(args.port)
     args.mem_mib = args.ram // MiB
     versions = args.versions.split(",") if args.versions else \
         [v for v in (QEMU72, QEMU10) if available(v)]
@@ -264,7 +320,8 @@ def main() -> int:
     first = results[0]
     report: dict[str, Any] = {
         k: first[k] for k in ("qemu_to_qemu_ms", "qemu_to_ours_ms", "ours_to_qemu_ms",
-                              "incoming_ratio", "migrate_ratio", "verified")}
+                              "qemu_to_sink_ms", "incoming_ratio", "migrate_ratio",
+                              "verified")}
     report.update(version=first["version"], channels=args.channels, compression="none",
                   ram_bytes=args.ram, data_bytes=args.data, n_runs=args.runs,
                   cpus=os.cpu_count(), by_version={r["version"]: r for r in results})
@@ -280,6 +337,9 @@ def main() -> int:
                   f"{r['incoming_ratio']}")
             print(f"  ours -> QEMU : {r['ours_to_qemu_ms']} ms   migrate_ratio "
                   f"{r['migrate_ratio']}")
+            if r["qemu_to_sink_ms"] is not None:
+                print(f"  QEMU -> sink : {r['qemu_to_sink_ms']} ms   (a destination that "
+                      "only reads)")
             print(f"  verified: {'yes' if r['verified'] else 'NO'}; errors: {r['errors']}")
     ok = all(r["errors"] == 0 and r["verified"] for r in results)
     return 0 if ok else 1
