@@ -1,10 +1,12 @@
-"""TLS interop with QEMU 7.2's tls-creds-x509, multifd on, both directions.
+"""TLS interop with QEMU's tls-creds-x509 (7.2, and 10.0 when unpacked), multifd on, both
+directions.
 
 QEMU (source, endpoint=client, verify-peer=on) -> `multifd incoming --tls-creds` records
 an image; `multifd migrate --tls-creds` replays it into a QEMU destination
 (endpoint=server, verify-peer=on: it demands our client certificate). The same
 directory, made by tests/security/certs.py, serves both ends. The guest pattern must
-arrive intact. Needs qemu-system-x86_64 (QEMU 7.2), like tests/qemu.
+arrive intact. Needs qemu-system-x86_64 (QEMU 7.2; QEMU 10.0 from .ci/qemu10), like
+tests/qemu.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from multifd.qemu.qemuproc import QemuProcess
 from tests.conftest import PATTERN_OFFSET, Q72
-from tests.qemu.conftest import Incoming, qemu_binary, run_cli, set_multifd
+from tests.qemu.conftest import PROFILE, Incoming, qemu_binary, run_cli, set_multifd
 from tests.security.certs import make_creds
 
 pytestmark = pytest.mark.qemu
@@ -23,29 +25,30 @@ PATTERN = Q72 / "pattern-4MiB.bin"
 
 
 def _vm(name: str, creds: Path, endpoint: str, *, pattern: bool = False,
-        incoming: str | None = None) -> QemuProcess:
-    qemu_binary("7.2")
+        incoming: str | None = None, version: str = "7.2") -> QemuProcess:
+    qemu_binary(version)
     extra = ["-object", f"tls-creds-x509,id=tls0,dir={creds},endpoint={endpoint},"
                         "verify-peer=on"]
     if pattern:
         extra += ["-device", f"loader,file={PATTERN},addr={PATTERN_OFFSET:#x}"]
-    vm = QemuProcess(extra, version="7.2", name=name, machine="pc", memory_mib=64,
+    vm = QemuProcess(extra, version=version, name=name, machine="pc", memory_mib=64,
                      incoming=incoming, start_timeout=20, cmd_timeout=10)
     return vm.start()
 
 
-def test_qemu72_tls_record_and_replay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_qemu_tls_record_and_replay(tmp_path: Path, version: str) -> None:
     creds = tmp_path / "creds"
     make_creds(creds)
     pattern = PATTERN.read_bytes()
     image = tmp_path / "tls.img"
     # QEMU source -> multifd incoming, over TLS, 2 multifd channels.
-    src = _vm("src", creds, "client", pattern=True)
+    src = _vm("src", creds, "client", pattern=True, version=version)
     try:
         set_multifd(src, 2, "none")
         src.cmd("migrate-set-parameters", **{"tls-creds": "tls0",
                                              "tls-hostname": "localhost"})
-        inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", "qemu-7.2",
+        inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", PROFILE[version],
                        "--channels", "2", "--timeout", "20", "--tls-creds", str(creds),
                        "--tls-authz", "multifd-source")
         try:
@@ -60,14 +63,14 @@ def test_qemu72_tls_record_and_replay(tmp_path: Path) -> None:
     finally:
         src.close()
     # multifd migrate -> QEMU destination, over TLS, 2 multifd channels.
-    dst = _vm("dst", creds, "server", incoming="defer")
+    dst = _vm("dst", creds, "server", incoming="defer", version=version)
     try:
         set_multifd(dst, 2, "none")
         dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
         uri = f"unix:{tmp_path}/out.sock"
         dst.migrate_incoming(uri)
-        res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "2",
-                      "--json", "--timeout", "20", "--tls-creds", str(creds),
+        res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--channels",
+                      "2", "--json", "--timeout", "20", "--tls-creds", str(creds),
                       "--tls-hostname", "localhost")
         assert res.returncode == 0, (f"multifd migrate failed: {res.stderr}; destination: "
                                      f"{dst.query_migrate()} {dst.log()[-2000:]}")
