@@ -119,6 +119,26 @@ def qemu_to_qemu(version: str, args: argparse.Namespace, blob: Path, sha: str,
                 vm.close()
 
 
+def _qemu_source_into(version: str, args: argparse.Namespace, blob: Path, port: int,
+                      dest: subprocess.Popen[Any], what: str) -> dict[str, Any]:
+    """Once `dest` listens on `port`: a warmed-up QEMU source migrates into it; returns
+    the source's final query-migrate (the source is closed)."""
+    deadline = time.monotonic() + 30
+    while not _listening(port):
+        if dest.poll() is not None or time.monotonic() > deadline:
+            err = dest.stderr.read() if dest.stderr and dest.poll() is not None else ""
+            raise RuntimeError(f"{what} did not listen {err}".strip())
+        time.sleep(0.02)
+    src = _qemu(version, blob, args.mem_mib, "src")
+    try:
+        _config(src, args.channels)
+        warm_memory(args.warm_mib * MiB)
+        src.migrate(f"tcp:127.0.0.1:{port}")
+        return src.wait_migration(TIMEOUT_S)
+    finally:
+        src.close()
+
+
 def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
                  ) -> dict[str, Any]:
     port = _free_port()
@@ -126,19 +146,8 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
            "--channels", str(args.channels), "--save", str(image), "--json",
            "--timeout", str(TIMEOUT_S)]
     inc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    src = None
     try:
-        deadline = time.monotonic() + 30
-        while not _listening(port):
-            if inc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"multifd incoming did not listen: {inc.stderr.read()}"
-                                   if inc.stderr else "multifd incoming did not listen")
-            time.sleep(0.02)
-        src = _qemu(version, blob, args.mem_mib, "src")
-        _config(src, args.channels)
-        warm_memory(args.warm_mib * MiB)
-        src.migrate(f"tcp:127.0.0.1:{port}")
-        q = src.wait_migration(TIMEOUT_S)
+        q = _qemu_source_into(version, args, blob, port, inc, "multifd incoming")
         out, err = inc.communicate(timeout=TIMEOUT_S)
         if inc.returncode != 0:
             raise RuntimeError(f"multifd incoming failed ({inc.returncode}): {err.strip()}")
@@ -147,8 +156,6 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
                 "ours_total_ms_with_save": ours.get("total_ms"),
                 "image_bytes": ours.get("image_bytes"), "pages": ours.get("pages")}
     finally:
-        if src is not None:
-            src.close()
         if inc.poll() is None:
             inc.kill()
             inc.wait(10)
@@ -173,22 +180,10 @@ def qemu_to_sink(version: str, args: argparse.Namespace, blob: Path) -> dict[str
     port = _free_port()
     sink = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "sink",
                              "--port", str(port)])
-    src = None
     try:
-        deadline = time.monotonic() + 30
-        while not _listening(port):
-            if sink.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the sink did not listen")
-            time.sleep(0.02)
-        src = _qemu(version, blob, args.mem_mib, "src")
-        _config(src, args.channels)
-        warm_memory(args.warm_mib * MiB)
-        src.migrate(f"tcp:127.0.0.1:{port}")
-        q = src.wait_migration(TIMEOUT_S)
-        return {"ms": q.get("total-time")}
+        return {"ms": _qemu_source_into(version, args, blob, port, sink, "the sink")
+                .get("total-time")}
     finally:
-        if src is not None:
-            src.close()
         sink.kill()
         sink.wait(10)
 

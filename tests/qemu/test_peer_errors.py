@@ -34,13 +34,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
     use and shared by the migrate cases."""
     tmp = tmp_path_factory.mktemp("errors")
     v = Vms(tmp)
-    made: dict[str, Path] = {}
 
     class Lazy(dict[str, Path]):
         def __missing__(self, version: str) -> Path:
             qemu_binary(version)  # skips when absent
-            made[version], _ = record(v, version, tmp, channels=2)
-            return made[version]
+            self[version], _ = record(v, version, tmp, channels=2)
+            return self[version]
 
     try:
         yield Lazy()
