@@ -255,6 +255,32 @@ def test_quit(served: tuple[QmpServer, str], qmp: QEMUMonitorProtocol) -> None:
     assert ev is not None and ev["event"] == "SHUTDOWN"
 
 
+def test_close_flushes_a_reply_being_written(served: tuple[QmpServer, str]) -> None:
+    """close() lets a writer finish a reply it is already sending (as with ``quit``).
+
+    The reply is larger than the socket buffers, so the writer is inside sendall with an
+    empty queue when close() starts; the client reads only after that.
+    """
+    srv, path = served
+    big = "x" * (4 * MiB)
+    srv.register("x-big", lambda _a: {"data": big})
+    raw = RawClient(path)
+    raw.recv()
+    raw.send({"execute": "qmp_capabilities"})
+    raw.recv()
+    raw.send({"execute": "x-big"})
+    time.sleep(0.2)  # the writer has taken the reply and blocks in sendall
+    closer = threading.Thread(target=srv.close)
+    closer.start()
+    time.sleep(0.1)
+    try:
+        assert raw.recv_reply() == {"return": {"data": big}}
+    finally:
+        closer.join(10)
+        raw.close()
+    assert not closer.is_alive()
+
+
 def test_slow_client_never_blocks_emit(served: tuple[QmpServer, str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     srv, path = served

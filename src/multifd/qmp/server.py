@@ -325,10 +325,6 @@ class _Client:
             self._closing = True
             self._cond.notify_all()
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._out)
-
     def _shutdown(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -479,10 +475,14 @@ class QmpServer:
             clients = list(self._clients)
         for c in clients:
             c.close()
-        deadline = time.monotonic() + CLOSE_FLUSH_S
-        while any(c.pending() for c in clients) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Each writer flushes what it holds (the reply to ``quit`` included: it may be
+        # mid-sendall with an empty queue) and exits; one that a client stopped reading
+        # from is cut off by the shutdown below.
         me = threading.current_thread()
+        deadline = time.monotonic() + CLOSE_FLUSH_S
+        for c in clients:
+            if c.writer is not me and c.writer.ident is not None:
+                c.writer.join(max(0.0, deadline - time.monotonic()))
         for c in clients:
             c._shutdown()
         for c in clients:
