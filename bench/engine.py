@@ -68,6 +68,14 @@ def vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds process `pid` has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def _cpu(t0: os.times_result, t1: os.times_result) -> dict[str, float]:
     """User and system CPU seconds this process spent between two os.times()."""
     return {"user": round(t1.user - t0.user, 3), "sys": round(t1.system - t0.system, 3)}
@@ -242,9 +250,13 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
                              compression=args.compression, max_bandwidth=QEMU_MAX_BANDWIDTH)
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
         warm_memory(args.warm_mib * MiB)
+        cpu0 = [proc_cpu(vm.pid) for vm in (src, dst)]
         src.migrate(uri)
         q = src.wait_migration(MIGRATION_TIMEOUT_S)
         dst.wait_migration(MIGRATION_TIMEOUT_S)
+        cpu1 = [proc_cpu(vm.pid) for vm in (src, dst)]
+        src_cpu, dst_cpu = ({"user": round(b[0] - a[0], 3), "sys": round(b[1] - a[1], 3)}
+                            for a, b in zip(cpu0, cpu1, strict=True))
         ram = q.get("ram", {})
         run: dict[str, Any] = {
             "who": "qemu", "status": "completed", "total_ms": q.get("total-time"),
@@ -252,6 +264,7 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
             "duplicate": ram.get("duplicate"), "transferred": ram.get("transferred"),
             "downtime_ms": q.get("downtime"), "setup_ms": q.get("setup-time"),
             "mbps": ram.get("mbps"), "accel": src.accel,
+            "src_cpu_s": src_cpu, "dst_cpu_s": dst_cpu,
         }
         if verify:
             run["verified"] = dst.pmem_sha256(BLOB_ADDR, args.data) == blob_sha
@@ -413,6 +426,9 @@ def parent(args: argparse.Namespace) -> int:
         "ram_bytes": args.ram, "data_bytes": args.data, "n_runs": args.runs,
         "qemu_accel": qemu[0].get("accel") if qemu else None,
         "cpus": os.cpu_count(),
+        # median CPU seconds (user + sys) of each process over the migration
+        "ours_cpu_s": _cpu_medians(ours),
+        "qemu_cpu_s": _cpu_medians(qemu),
         "runs": runs,
     }
     if args.json:
@@ -421,6 +437,17 @@ def parent(args: argparse.Namespace) -> int:
         _print(report)
     ok = bool(ours) and (not with_qemu or bool(qemu)) and report["failures"] == 0
     return 0 if ok and report["verified"] and report["dest_rss_ok"] else 1
+
+
+def _cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median user+sys CPU seconds of the source and the destination over `runs`."""
+    out = {}
+    for side in ("src", "dst"):
+        vals = [c["user"] + c["sys"] for r in runs if (c := r.get(f"{side}_cpu_s"))]
+        if not vals:
+            return None
+        out[side] = round(statistics.median(vals), 3)
+    return out
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -436,6 +463,9 @@ def _print(r: dict[str, Any]) -> None:
               if r["ratio"] else "  ratio: n/a")
     else:
         print("  QEMU 7.2 not installed (or --no-qemu): no baseline")
+    for who in ("ours", "qemu"):
+        if (c := r[f"{who}_cpu_s"]) is not None:
+            print(f"  {who} CPU seconds (user+sys): source {c['src']}, destination {c['dst']}")
     if r["floor_ms"] is not None:
         print(f"  machine floor (raw 2-connection loopback copy, no protocol): {r['floor_ms']} ms"
               f"; ours/floor {r['ours_to_floor']}, QEMU/floor {r['qemu_to_floor']}")

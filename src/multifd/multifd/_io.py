@@ -38,8 +38,8 @@ def byte_views(buffers: Sequence[object]) -> list[memoryview]:
 
 # One gather-send for every layer: the transport's (partial sends resumed without copying,
 # IOV_MAX batches, `SendStalled` when the peer takes no byte for the stall timeout).
-__all__ = ["SEND_STALL_TIMEOUT_S", "SendStalled", "byte_views", "recv_exact_into",
-           "recvmsg_exact_into", "sendmsg_all"]
+__all__ = ["SEND_STALL_TIMEOUT_S", "SendStalled", "byte_views", "recv_at_least_into",
+           "recv_exact_into", "recvmsg_exact_into", "sendmsg_all"]
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False) -> bool:
@@ -59,6 +59,27 @@ def recv_exact_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = Fal
                             value=n - got)
         got += r
     return True
+
+
+def recv_at_least_into(sock: socket.socket, view: memoryview, need: int) -> int:
+    """Read into `view` until at least `need` bytes are in (more if they are there already,
+    up to len(view)); returns the count, 0 on EOF before the first byte.
+
+    A packet's kind is known from its first bytes while its header may be longer: this
+    reads whatever is there in one call (usually the whole header) without waiting for
+    bytes a malformed packet may never send.
+    """
+    got = 0
+    n = len(view)
+    while got < need:
+        r = sock.recv_into(view[got:] if got else view, n - got)
+        if r == 0:
+            if got == 0:
+                return 0
+            raise Truncated("channel closed in the middle of a packet", field="bytes_missing",
+                            value=need - got)
+        got += r
+    return got
 
 
 def recvmsg_exact_into(sock: socket.socket, views: list[memoryview]) -> None:

@@ -25,7 +25,6 @@ from multifd.multifd.slots import (
     register_send_ops,
 )
 from multifd.wire.constants import (
-    MULTIFD_COMMON_HEADER_SIZE,
     MULTIFD_DEVICE_STATE_HEADER_SIZE,
     MULTIFD_IDSTR_SIZE,
     MultifdFlag,
@@ -97,7 +96,7 @@ class DeviceStateRecvOps(RecvOps):
 
     def receive(self, ch: RecvChannelContext, flags: int) -> bool:
         header = ch.header[:MULTIFD_DEVICE_STATE_HEADER_SIZE]
-        ch.read_exact(header[MULTIFD_COMMON_HEADER_SIZE:])
+        ch.read_exact(header[ch.prefix :])
         cfg = ch.config
         hdr = decode_device_state_packet(header, max_payload=cfg.max_payload)
         sink = cfg.device_state_sink

@@ -35,7 +35,6 @@ from multifd.multifd.slots import (
     register_send_ops,
 )
 from multifd.wire.constants import (
-    MULTIFD_COMMON_HEADER_SIZE,
     MULTIFD_MAX_COMPRESSED_PAYLOAD,
     PacketLayout,
     page_count,
@@ -218,7 +217,8 @@ class RamRecvOps(RecvOps):
         state = ch.state(self, lambda: _RecvState(ps, compressed))
         plen = state.plen
         header = ch.header[:plen]
-        ch.read_exact(header[MULTIFD_COMMON_HEADER_SIZE:])
+        if ch.prefix < plen:
+            ch.read_exact(header[ch.prefix :])
         cfg = ch.config
         hdr = decode_ram_packet(
             header,

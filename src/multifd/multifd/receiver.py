@@ -5,7 +5,7 @@ multifd_recv_sync_main, qemu-reference.md 3.1, 3.5, 3.6):
 
     socket                 multifdrecv_<id>                Receiver           main loader
       |-- init (64 B) --> add_channel: validate, bind id, start thread           |
-      |-- hdr(12) ------->| kind = flags & kind_mask -> RecvOps                   |
+      |-- hdr (shortest)->| kind = flags & kind_mask -> RecvOps                   |
       |-- rest + data --->| validate vs blocks, recv_into RAM / sink             |
       |-- SYNC ---------->| (pages first) reached SYNC; BLOCK                    |
       |                   |                                 |<-- sync_main() at EOS (7.2)
@@ -30,7 +30,7 @@ import numpy as np
 
 from multifd.compress import get_method
 from multifd.machine.ramblock import received_maps
-from multifd.multifd._io import recv_exact_into, recvmsg_exact_into
+from multifd.multifd._io import recv_at_least_into, recv_exact_into, recvmsg_exact_into
 from multifd.multifd.slots import ChannelStats, MultifdError, Stats, recv_ops_table
 from multifd.wire.constants import (
     MULTIFD_COMMON_HEADER_SIZE,
@@ -56,6 +56,7 @@ class RecvChannel:
         self.page_size = receiver.page_size
         self.config = receiver
         self.header = memoryview(bytearray(receiver._header_size))
+        self.prefix = receiver._prefix  # header bytes read before the kind is known
         self.compression_flag = int(receiver.method.flag)
         self.decompressor = (receiver.method.new_decompressor()
                              if receiver.method.flag else None)
@@ -131,7 +132,11 @@ class Receiver:
         self.on_error = on_error
         self.stats = stats
         self._kind_mask, self._ops = recv_ops_table(layout)
-        self._header_size = max(ops.header_size(page_size) for ops in self._ops.values())
+        sizes = [ops.header_size(page_size) for ops in self._ops.values()]
+        self._header_size = max(sizes)
+        # Read the shortest header of the allowed kinds in one go: with the 7.2 layout
+        # (RAM packets only) that is the whole header, one recv fewer per packet.
+        self._prefix = min(sizes)
         self._mu = threading.Lock()
         self._cv = threading.Condition(self._mu)
         self._chans: dict[int, RecvChannel] = {}
@@ -305,19 +310,24 @@ class Receiver:
         return True
 
     def _run(self, ch: RecvChannel) -> None:
-        common = ch.header[:MULTIFD_COMMON_HEADER_SIZE]
+        prefix = ch.prefix
+        head = ch.header[:prefix]
+        common = head[:MULTIFD_COMMON_HEADER_SIZE]
         mask = self._kind_mask
         table = self._ops
         st = ch.stats
         try:
             while True:
-                if not recv_exact_into(ch.sock, common, eof_ok=True):
+                got = recv_at_least_into(ch.sock, head, MULTIFD_COMMON_HEADER_SIZE)
+                if not got:
                     break  # EOF between packets: the source is done with this channel
                 flags = decode_common_header(common)
                 ops = table.get(flags & mask)
                 if ops is None:
                     raise BadRecordType(f"packet kind not allowed with layout "
                                         f"{self.layout.value}", field="flags", value=flags)
+                if got < prefix:
+                    recv_exact_into(ch.sock, head[got:])
                 if ops.receive(ch, flags):
                     st.add("packets", 1)
                     st.add("sync_packets", 1)

@@ -130,7 +130,8 @@ class RecvChannelContext(Protocol):
     id: int
     layout: PacketLayout
     page_size: int
-    header: memoryview  # per-channel header buffer; [:12] holds the common header
+    header: memoryview  # per-channel header buffer; [:prefix] holds the packet's start
+    prefix: int  # bytes read before the kind was known: >= 12, <= this kind's header_size
     stats: ChannelStats
     compression_flag: int
     decompressor: Any
@@ -176,8 +177,9 @@ class RecvOps(abc.ABC):
 
     @abc.abstractmethod
     def receive(self, ch: RecvChannelContext, flags: int) -> bool:
-        """Read the rest of the packet (the 12-byte common header is in `ch.header[:12]`),
-        validate it, apply it. Returns True if the packet was a SYNC."""
+        """Read the rest of the packet (its first `ch.prefix` bytes, the common header
+        included, are in `ch.header`), validate it, apply it. Returns True if the packet
+        was a SYNC."""
 
 
 _SEND_OPS: dict[type[Payload], SendOps] = {}
