@@ -193,30 +193,36 @@ def test_abort_sender_blocked_in_send_and_sync() -> None:
     src = random_block("pc.ram", 4 << 20, seed=1)
     pair, socks = make_pair({"pc.ram": src}, channels=2, connect=False)
     outcome: dict[str, BaseException] = {}
-    started = threading.Event()
+    sends = [0]
 
     def producer() -> None:
         slot = pair.sender.new_slot()
         offs = page_offsets(src)
-        started.set()
         try:
             for _ in range(100):
                 for i in range(0, offs.shape[0], 128):
                     slot.payload(RamPayload).fill(src, offs[i : i + 128])
                     slot = pair.sender.send(slot)
+                    sends[0] += 1
         except BaseException as e:
             outcome["send"] = e
 
     def syncer() -> None:
-        started.wait()
         try:
             pair.sender.sync()
         except BaseException as e:
             outcome["sync"] = e
 
     ts = [threading.Thread(target=producer), threading.Thread(target=syncer)]
-    for t in ts:
-        t.start()
+    ts[0].start()
+    # sync() only blocks behind queued packets: start it once the producer is stuck
+    # (socket buffers full), not before its first send (the SYNCs would go out at once).
+    deadline = time.monotonic() + 10
+    last = -1
+    while sends[0] != last and time.monotonic() < deadline:
+        last = sends[0]
+        time.sleep(0.2)
+    ts[1].start()
     time.sleep(0.3)
     assert all(t.is_alive() for t in ts)  # really blocked
     t0 = time.monotonic()

@@ -187,6 +187,20 @@ def test_slot_reuses_payload_objects() -> None:
     assert slot.active is dev and slot.payload(RamPayload) is ram
 
 
+def test_payload_remembers_a_page_run() -> None:
+    """Consecutive pages are found while validating; the channel then sends one view."""
+    blk = random_block("pc.ram", 64 * 4096, seed=2)
+    p = RamPayload()
+    p.fill(blk, np.arange(3, 6) * 4096)
+    assert p.run_start == 3 * 4096 and p.num == 3
+    p.fill(blk, [0, 2 * 4096])
+    assert p.run_start is None
+    p.fill(blk, [63 * 4096])
+    assert p.run_start == 63 * 4096
+    p.clear()
+    assert p.run_start is None and p.is_empty()
+
+
 def test_send_rejects_bad_payloads() -> None:
     src = random_block("pc.ram", 256 * 1024, seed=8)
     pair, _ = make_pair({"pc.ram": src}, channels=1, layout=PacketLayout.V7_2)

@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from multifd.transport.sockets import SEND_STALL_TIMEOUT_S, SendStalled, sendmsg_all
+from multifd.transport.sockets import SEND_STALL_TIMEOUT_S, SendStalled, send_views, sendmsg_all
 from multifd.wire.errors import Truncated
 
 try:
@@ -39,7 +39,7 @@ def byte_views(buffers: Sequence[object]) -> list[memoryview]:
 # One gather-send for every layer: the transport's (partial sends resumed without copying,
 # IOV_MAX batches, `SendStalled` when the peer takes no byte for the stall timeout).
 __all__ = ["SEND_STALL_TIMEOUT_S", "SendStalled", "byte_views", "recv_at_least_into",
-           "recv_exact_into", "recvmsg_exact_into", "sendmsg_all"]
+           "recv_exact_into", "recvmsg_exact_into", "send_views", "sendmsg_all"]
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False) -> bool:

@@ -58,7 +58,8 @@ class RamPayload(Payload):
     `offsets[:n]` yourself and call `set(block, n)`.
     """
 
-    __slots__ = ("_bounce", "_encoder", "block", "capacity", "num", "offsets", "page_size")
+    __slots__ = ("_bounce", "_encoder", "block", "capacity", "num", "offsets", "page_size",
+                 "run_start")
 
     def __init__(self, page_size: int = 4096) -> None:
         self.page_size = page_size
@@ -66,6 +67,9 @@ class RamPayload(Payload):
         self.offsets = np.zeros(self.capacity, dtype=np.uint64)
         self.block: Any = None
         self.num = 0
+        # offsets[0] when the pages are consecutive (found while validating): the channel
+        # then sends one view of the block with no per-page index work.
+        self.run_start: int | None = None
         # The packet this payload becomes (made on first use, kept with the slot): its
         # header, and a gather buffer for scattered pages, live until the payload is sent.
         self._encoder: RamPacketEncoder | None = None
@@ -99,22 +103,25 @@ class RamPayload(Payload):
         """Use `offsets[:n]` (already written by the caller) of `block`."""
         if not 0 <= n <= self.capacity:
             raise ValueError(f"page count {n} outside 0..{self.capacity}")
+        run = None
         if n:
             offs = self.offsets[:n]
             ps = self.page_size
             if block.page_size != ps:
                 raise ValueError(f"block {block.name!r} page size {block.page_size} != {ps}")
             limit = block.used_length - ps
-            if not is_page_run(offs, ps, limit) and (
-                int(offs.max()) > limit or (offs % ps).any()
-            ):
+            if is_page_run(offs, ps, limit):
+                run = int(offs[0])
+            elif int(offs.max()) > limit or (offs % ps).any():
                 raise ValueError(f"offsets outside or unaligned in block {block.name!r}")
         self.block = block
         self.num = n
+        self.run_start = run
 
     def clear(self) -> None:
         self.block = None
         self.num = 0
+        self.run_start = None
 
     def is_empty(self) -> bool:
         return self.num == 0
@@ -146,6 +153,18 @@ class RamSendOps(SendOps):
         block = payload.block
         ps = ch.page_size
         offs = payload.offsets[: payload.num]
+        run = payload.run_start
+        if run is not None and not ch.zero_page_detection:
+            # The common packet: consecutive pages, one view of RAM.
+            n = payload.num
+            data = ch.compressor.compress_packet([block.view[run : run + n * ps]])
+            flag = ch.compression_flag
+            header = payload.encoder(ch.layout).encode(
+                flags=flag, packet_num=ch.next_packet_num(), ramblock=block.name,
+                normal=offs, next_packet_size=(sum(memoryview(b).nbytes for b in data)
+                                               if flag else n * ps))
+            ch.stats.add("normal_pages", n)
+            return [header, *data]
         idx = offs // np.uint64(ps)
         runs = page_runs(idx)
         zero_off = _EMPTY

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from multifd.compress import get_method
-from multifd.multifd._io import byte_views, sendmsg_all
+from multifd.multifd._io import byte_views, send_views, sendmsg_all
 from multifd.multifd.slots import (
     ChannelStats,
     MultifdError,
@@ -342,22 +342,25 @@ class Sender:
                         return  # quit with nothing pending
                 if jobs:
                     bufs: list[memoryview] = []
-                    total = 0
+                    total = logical = 0
+                    by_kind: dict[str, int] = {}
                     for job in jobs:
                         payload = job.active
                         ops = send_ops_for(payload)  # type: ignore[arg-type]
-                        logical = ops.logical_bytes(payload)
+                        logical += ops.logical_bytes(payload)
                         views = byte_views(ops.prepare(payload, ch))
-                        wire = sum(len(v) for v in views)
+                        wire = sum(map(len, views))
                         bufs += views
                         total += wire
-                        st.add("packets", 1)
-                        st.add("wire_bytes", wire)
-                        st.add("wire_bytes_" + ops.stat_name, wire)
-                        st.add("logical_bytes", logical)
+                        by_kind[ops.stat_name] = by_kind.get(ops.stat_name, 0) + wire
+                    st.add("packets", len(jobs))
+                    st.add("wire_bytes", total)
+                    st.add("logical_bytes", logical)
+                    for name, wire in by_kind.items():
+                        st.add("wire_bytes_" + name, wire)
                     if limiter is not None:
                         limiter.consume(total)
-                    sendmsg_all(ch.sock, bufs)
+                    send_views(ch.sock, bufs)
                     for job in jobs:
                         job.clear()
                     with self._mu:

@@ -320,7 +320,14 @@ def sendmsg_all(sock: _Writable, buffers: Sequence[Any],
     At most IOV_MAX buffers go into one ``sendmsg`` call. Returns the bytes sent. On a
     socket, no progress for ``stall_timeout`` seconds raises `SendStalled` (None: no limit).
     """
-    views = [mv for mv in (memoryview(b).cast("B") for b in buffers) if len(mv)]
+    return send_views(sock, [mv for mv in (memoryview(b).cast("B") for b in buffers)
+                             if len(mv)], stall_timeout)
+
+
+def send_views(sock: _Writable, views: list[memoryview],
+               stall_timeout: float | None = SEND_STALL_TIMEOUT_S) -> int:
+    """`sendmsg_all` of non-empty 1-D byte memoryviews (consumed: pass a fresh list),
+    for callers that hold them already (the multifd channels, once per batch)."""
     total = 0
     i = 0
     count = len(views)
