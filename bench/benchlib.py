@@ -43,3 +43,17 @@ def warm_memory(size: int) -> None:
     pages[:: mmap.PAGESIZE] = 1
     del pages
     m.close()
+
+
+def proc_cpu(pid: int) -> dict[str, float]:
+    """User and system CPU seconds process `pid` has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"user": int(fields[11]) / tick, "sys": int(fields[12]) / tick}
+
+
+def cpu_since(pid: int, before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds `pid` used since `before` (a proc_cpu result)."""
+    now = proc_cpu(pid)
+    return {k: round(now[k] - before[k], 3) for k in ("user", "sys")}

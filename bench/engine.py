@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import make_blob, warm_memory
+from benchlib import cpu_since, make_blob, proc_cpu, warm_memory
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -66,14 +66,6 @@ def vm_hwm_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def proc_cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds process `pid` has used so far (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _cpu(t0: os.times_result, t1: os.times_result) -> dict[str, float]:
@@ -254,9 +246,8 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
         src.migrate(uri)
         q = src.wait_migration(MIGRATION_TIMEOUT_S)
         dst.wait_migration(MIGRATION_TIMEOUT_S)
-        cpu1 = [proc_cpu(vm.pid) for vm in (src, dst)]
-        src_cpu, dst_cpu = ({"user": round(b[0] - a[0], 3), "sys": round(b[1] - a[1], 3)}
-                            for a, b in zip(cpu0, cpu1, strict=True))
+        src_cpu, dst_cpu = (cpu_since(vm.pid, c) for vm, c in zip((src, dst), cpu0,
+                                                                   strict=True))
         ram = q.get("ram", {})
         run: dict[str, Any] = {
             "who": "qemu", "status": "completed", "total_ms": q.get("total-time"),

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import make_blob, warm_memory
+from benchlib import cpu_since, make_blob, proc_cpu, warm_memory
 from multifd.migration.profile import get_profile
 from multifd.qemu.image import VmImage, read_image
 from multifd.qemu.peer import migrate_to_qemu
@@ -106,10 +106,13 @@ def qemu_to_qemu(version: str, args: argparse.Namespace, blob: Path, sha: str,
             _config(vm, args.channels)
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
         warm_memory(args.warm_mib * MiB)
+        cpu0 = proc_cpu(src.pid), proc_cpu(dst.pid)
         src.migrate(uri)
         q = src.wait_migration(TIMEOUT_S)
         dst.wait_migration(TIMEOUT_S)
-        r: dict[str, Any] = {"ms": q.get("total-time"), "accel": src.accel}
+        r: dict[str, Any] = {"ms": q.get("total-time"), "accel": src.accel,
+                             "src_cpu_s": cpu_since(src.pid, cpu0[0]),
+                             "dst_cpu_s": cpu_since(dst.pid, cpu0[1])}
         if verify:
             r["verified"] = dst.pmem_sha256(BLOB_ADDR, args.data) == sha
         return r
@@ -122,7 +125,8 @@ def qemu_to_qemu(version: str, args: argparse.Namespace, blob: Path, sha: str,
 def _qemu_source_into(version: str, args: argparse.Namespace, blob: Path, port: int,
                       dest: subprocess.Popen[Any], what: str) -> dict[str, Any]:
     """Once `dest` listens on `port`: a warmed-up QEMU source migrates into it; returns
-    the source's final query-migrate (the source is closed)."""
+    the source's final query-migrate (the source is closed) with the CPU seconds both
+    processes used meanwhile (`src_cpu_s`, `dst_cpu_s`)."""
     deadline = time.monotonic() + 30
     while not _listening(port):
         if dest.poll() is not None or time.monotonic() > deadline:
@@ -133,8 +137,12 @@ def _qemu_source_into(version: str, args: argparse.Namespace, blob: Path, port: 
     try:
         _config(src, args.channels)
         warm_memory(args.warm_mib * MiB)
+        cpu0 = proc_cpu(src.pid), proc_cpu(dest.pid)
         src.migrate(f"tcp:127.0.0.1:{port}")
-        return src.wait_migration(TIMEOUT_S)
+        q = dict(src.wait_migration(TIMEOUT_S))
+        q["src_cpu_s"] = cpu_since(src.pid, cpu0[0])
+        q["dst_cpu_s"] = cpu_since(dest.pid, cpu0[1])
+        return q
     finally:
         src.close()
 
@@ -152,7 +160,8 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
         if inc.returncode != 0:
             raise RuntimeError(f"multifd incoming failed ({inc.returncode}): {err.strip()}")
         ours = json.loads(out.strip().splitlines()[-1])
-        return {"ms": q.get("total-time"), "ours_time_ms": ours.get("time_ms"),
+        return {"ms": q.get("total-time"), "src_cpu_s": q["src_cpu_s"],
+                "dst_cpu_s": q["dst_cpu_s"], "ours_time_ms": ours.get("time_ms"),
                 "ours_total_ms_with_save": ours.get("total_ms"),
                 "image_bytes": ours.get("image_bytes"), "pages": ours.get("pages")}
     finally:
@@ -181,8 +190,9 @@ def qemu_to_sink(version: str, args: argparse.Namespace, blob: Path) -> dict[str
     sink = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "sink",
                              "--port", str(port)])
     try:
-        return {"ms": _qemu_source_into(version, args, blob, port, sink, "the sink")
-                .get("total-time")}
+        q = _qemu_source_into(version, args, blob, port, sink, "the sink")
+        return {"ms": q.get("total-time"), "src_cpu_s": q["src_cpu_s"],
+                "dst_cpu_s": q["dst_cpu_s"]}
     finally:
         sink.kill()
         sink.wait(10)
@@ -205,11 +215,14 @@ def ours_to_qemu(version: str, args: argparse.Namespace, image: Path, sha: str,
         _config(dst, args.channels)
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
         warm_memory(args.warm_mib * MiB)
+        cpu0, dst_cpu0 = proc_cpu(os.getpid()), proc_cpu(dst.pid)
         st = migrate_to_qemu(img, uri, profile=get_profile(PROFILE[version]),
                              channels=args.channels, timeout=TIMEOUT_S)
+        src_cpu = cpu_since(os.getpid(), cpu0)
         dst.wait_migration(TIMEOUT_S)
         r: dict[str, Any] = {"ms": round(st.sent_ms, 1) if st.sent_ms else None,
-                             "loaded_ms": round(st.time_ms, 1), "dst_status": dst.status()}
+                             "loaded_ms": round(st.time_ms, 1), "dst_status": dst.status(),
+                             "src_cpu_s": src_cpu, "dst_cpu_s": cpu_since(dst.pid, dst_cpu0)}
         if verify:
             r["verified"] = dst.pmem_sha256(BLOB_ADDR, args.data) == sha
         return r
@@ -221,6 +234,17 @@ def ours_to_qemu(version: str, args: argparse.Namespace, image: Path, sha: str,
 def _med(rs: list[dict[str, Any]]) -> float | None:
     xs = [r["ms"] for r in rs if r.get("ms") is not None and "error" not in r]
     return statistics.median(xs) if xs else None
+
+
+def _cpu_med(rs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median CPU seconds (user + sys) of the source and of the destination over `rs`."""
+    out = {}
+    for side in ("src", "dst"):
+        xs = [c["user"] + c["sys"] for r in rs if (c := r.get(f"{side}_cpu_s"))]
+        if not xs:
+            return None
+        out[side] = round(statistics.median(xs), 3)
+    return out
 
 
 def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, tmp: Path
@@ -270,6 +294,8 @@ def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, 
         "version": version, "profile": PROFILE[version],
         "qemu_to_qemu_ms": q2q, "qemu_to_ours_ms": q2o, "ours_to_qemu_ms": o2q,
         "qemu_to_sink_ms": q2s,
+        # median CPU seconds of each side while the source ran (the sink's too)
+        "cpu_s": {k: _cpu_med(v) for k, v in runs.items()},
         "incoming_ratio": round(q2o / q2q, 3) if q2o and q2q else None,
         "migrate_ratio": round(o2q / q2q, 3) if o2q and q2q else None,
         "verified": bool(verified) and all(verified),
@@ -335,6 +361,9 @@ def main() -> int:
             if r["qemu_to_sink_ms"] is not None:
                 print(f"  QEMU -> sink : {r['qemu_to_sink_ms']} ms   (a destination that "
                       "only reads)")
+            for path, c in r["cpu_s"].items():
+                if c is not None:
+                    print(f"  CPU seconds {path:13}: source {c['src']}, destination {c['dst']}")
             print(f"  verified: {'yes' if r['verified'] else 'NO'}; errors: {r['errors']}")
     ok = all(r["errors"] == 0 and r["verified"] for r in results)
     return 0 if ok else 1

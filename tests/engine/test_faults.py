@@ -86,6 +86,35 @@ def _packet(layout=PacketLayout.HEAD, *, flags=0, block="pc.ram", normal=(0,), z
     return bytes(hdr) + b"\x77" * (len(n) * 4096 if size is None else size)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 700])
+def test_packets_back_to_back_in_any_chunks(chunk: int | None) -> None:
+    """Short device-state packets, RAM packets and a SYNC in one write or in small writes:
+    bytes a header read takes past a short header are used by what follows, in order."""
+    got: list[tuple[str, int, bytes]] = []
+    r, dst, errors = _receiver(channels=1, device_state_sink=lambda i, n, d: got.append(
+        (i, n, bytes(d))))
+    dst.pages[2] = 0x55  # a zero page must clear it
+    bufs = [("a", 0, b"x"), ("b", 1, b"yz" * 10), ("c", 2, bytes(range(256)) * 2)]
+    stream = b"".join(encode_device_state_header(i, n, len(d)) + d for i, n, d in bufs[:2])
+    stream += _packet(normal=(4096,))
+    stream += encode_device_state_header("c", 2, 512) + bufs[2][2]
+    stream += _packet(normal=(), zero=(2 * 4096,))
+    stream += _packet(flags=0x01, normal=())
+    a = _channel(r, 0)
+    try:
+        step = chunk or len(stream)
+        for pos in range(0, len(stream), step):
+            a.sendall(stream[pos : pos + step])
+        r.sync_main(timeout=10)
+        assert got == bufs and errors == []
+        assert (dst.pages[1] == 0x77).all() and not dst.pages[2].any()
+        assert (dst.pages[3] == 0xAB).all()
+        assert r.channel_stats()[0]["device_state_buffers"] == 3
+    finally:
+        a.close()
+        r.close()
+
+
 BAD_PACKETS = {
     "offset outside the block": (_packet(normal=(64 * 4096,)), "outside RAM block"),
     "huge offset": (_packet(normal=(2**63,)), "outside RAM block"),

@@ -96,7 +96,7 @@ class DeviceStateRecvOps(RecvOps):
 
     def receive(self, ch: RecvChannelContext, flags: int) -> bool:
         header = ch.header[:MULTIFD_DEVICE_STATE_HEADER_SIZE]
-        ch.read_exact(header[ch.prefix :])
+        ch.read_exact(header[ch.have :])
         cfg = ch.config
         hdr = decode_device_state_packet(header, max_payload=cfg.max_payload)
         sink = cfg.device_state_sink

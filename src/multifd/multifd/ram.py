@@ -154,52 +154,43 @@ class RamSendOps(SendOps):
         ps = ch.page_size
         offs = payload.offsets[: payload.num]
         run = payload.run_start
-        if run is not None and not ch.zero_page_detection:
-            # The common packet: consecutive pages, one view of RAM.
-            n = payload.num
-            data = ch.compressor.compress_packet([block.view[run : run + n * ps]])
-            flag = ch.compression_flag
-            header = payload.encoder(ch.layout).encode(
-                flags=flag, packet_num=ch.next_packet_num(), ramblock=block.name,
-                normal=offs, next_packet_size=(sum(memoryview(b).nbytes for b in data)
-                                               if flag else n * ps))
-            ch.stats.add("normal_pages", n)
-            return [header, *data]
-        idx = offs // np.uint64(ps)
-        runs = page_runs(idx)
+        idx = None
         zero_off = _EMPTY
         if ch.zero_page_detection:
+            idx = offs // np.uint64(ps)
             nz = ~block.zero_pages(idx)
             if not nz.all():
                 zero_off = offs[~nz]
                 offs = offs[nz]
                 idx = idx[nz]
-                runs = page_runs(idx) if idx.shape[0] else (idx, idx)
+                run = None
         nn = offs.shape[0]
         data: list[Any] = []
-        size = 0
         if nn:
-            starts, lengths = runs
-            if starts.shape[0] <= MAX_RUNS:
-                view = block.view
-                pages: list[Any] = [view[s * ps : (s + c) * ps]
-                                    for s, c in zip(starts.tolist(), lengths.tolist(),
-                                                    strict=True)]
+            if run is not None:  # the common packet: consecutive pages, one view of RAM
+                pages: list[Any] = [block.view[run : run + nn * ps]]
             else:
-                bounce = payload.bounce()
-                np.take(block.pages, idx, axis=0, out=bounce[:nn])
-                pages = [memoryview(bounce[:nn]).cast("B")]
+                if idx is None:
+                    idx = offs // np.uint64(ps)
+                starts, lengths = page_runs(idx)
+                if starts.shape[0] <= MAX_RUNS:
+                    view = block.view
+                    pages = [view[s * ps : (s + c) * ps]
+                             for s, c in zip(starts.tolist(), lengths.tolist(), strict=True)]
+                else:
+                    bounce = payload.bounce()
+                    np.take(block.pages, idx, axis=0, out=bounce[:nn])
+                    pages = [memoryview(bounce[:nn]).cast("B")]
             data = ch.compressor.compress_packet(pages)
-            size = sum(memoryview(b).nbytes for b in data) if ch.compression_flag else nn * ps
+        flag = ch.compression_flag
         nz_count = zero_off.shape[0]
-        flags = ch.compression_flag if (nn or nz_count) else 0
         header = payload.encoder(ch.layout).encode(
-            flags=flags,
+            flags=flag if (nn or nz_count) else 0,
             packet_num=ch.next_packet_num(),
             ramblock=block.name,
             normal=offs,
             zero=zero_off,
-            next_packet_size=size,
+            next_packet_size=sum(memoryview(b).nbytes for b in data) if flag else nn * ps,
         )
         st = ch.stats
         st.add("normal_pages", nn)
@@ -236,8 +227,8 @@ class RamRecvOps(RecvOps):
         state = ch.state(self, lambda: _RecvState(ps, compressed))
         plen = state.plen
         header = ch.header[:plen]
-        if ch.prefix < plen:
-            ch.read_exact(header[ch.prefix :])
+        if ch.have < plen:
+            ch.read_exact(header[ch.have :])
         cfg = ch.config
         hdr = decode_ram_packet(
             header,

@@ -5,7 +5,7 @@ multifd_recv_sync_main, qemu-reference.md 3.1, 3.5, 3.6):
 
     socket                 multifdrecv_<id>                Receiver           main loader
       |-- init (64 B) --> add_channel: validate, bind id, start thread           |
-      |-- hdr (shortest)->| kind = flags & kind_mask -> RecvOps                   |
+      |-- hdr (1 recv) -->| kind = flags & kind_mask -> RecvOps                   |
       |-- rest + data --->| validate vs blocks, recv_into RAM / sink             |
       |-- SYNC ---------->| (pages first) reached SYNC; BLOCK                    |
       |                   |                                 |<-- sync_main() at EOS (7.2)
@@ -37,7 +37,7 @@ from multifd.wire.constants import (
     MULTIFD_INIT_PACKET_SIZE,
     PacketLayout,
 )
-from multifd.wire.errors import BadRecordType
+from multifd.wire.errors import BadRecordType, Truncated
 from multifd.wire.packet import InitPacket, decode_common_header, validate_init
 
 _WAIT_SLICE = 0.1
@@ -47,7 +47,13 @@ DeviceStateSink = Callable[[str, int, bytearray], None]
 
 
 class RecvChannel:
-    """One receiving channel: socket, thread, header/scratch buffers, decompressor."""
+    """One receiving channel: socket, thread, header/scratch buffers, decompressor.
+
+    A packet's first read asks for up to the longest header of the allowed kinds, so one
+    recv usually brings a whole header whatever its kind. Bytes that turn out to lie past
+    a shorter header (a device-state packet's payload, even the next packets) wait in
+    the carry buffer; every later read of the channel takes them first.
+    """
 
     def __init__(self, receiver: Receiver, cid: int, sock: socket.socket) -> None:
         self.id = cid
@@ -56,7 +62,9 @@ class RecvChannel:
         self.page_size = receiver.page_size
         self.config = receiver
         self.header = memoryview(bytearray(receiver._header_size))
-        self.prefix = receiver._prefix  # header bytes read before the kind is known
+        self.have = 0  # bytes of the current packet's header in self.header
+        self._carry = memoryview(bytearray(receiver._header_size))
+        self._pending = self._carry[:0]  # read past the current header, not yet used
         self.compression_flag = int(receiver.method.flag)
         self.decompressor = (receiver.method.new_decompressor()
                              if receiver.method.flag else None)
@@ -67,10 +75,53 @@ class RecvChannel:
         self._state: dict[int, Any] = {}
 
     def read_exact(self, view: memoryview) -> None:
+        if self._pending:
+            view = self._take_pending(view)
+            if not view:
+                return
         recv_exact_into(self.sock, view)
 
     def read_scatter(self, views: list[memoryview]) -> None:
-        recvmsg_exact_into(self.sock, views)
+        while self._pending and views:
+            rest = self._take_pending(views[0])
+            views = [rest, *views[1:]] if rest else views[1:]
+        if views:
+            recvmsg_exact_into(self.sock, views)
+
+    def _take_pending(self, view: memoryview) -> memoryview:
+        """Fill the start of `view` from the carried bytes; returns what is left to read."""
+        p = self._pending
+        k = min(len(p), len(view))
+        view[:k] = p[:k]
+        self._pending = p[k:]
+        return view[k:]
+
+    def begin_packet(self) -> int:
+        """Bring the next packet's first bytes into `header`, at least its common header
+        and up to len(header); returns how many (0: EOF between packets)."""
+        head = self.header
+        n = len(self._pending)
+        if not n:
+            return recv_at_least_into(self.sock, head, MULTIFD_COMMON_HEADER_SIZE)
+        head[:n] = self._pending
+        self._pending = self._carry[:0]
+        if n < MULTIFD_COMMON_HEADER_SIZE:
+            got = recv_at_least_into(self.sock, head[n:], MULTIFD_COMMON_HEADER_SIZE - n)
+            if not got:
+                raise Truncated("channel closed in the middle of a packet",
+                                field="bytes_missing", value=MULTIFD_COMMON_HEADER_SIZE - n)
+            n += got
+        return n
+
+    def end_header(self, got: int, header_size: int) -> None:
+        """The packet's kind says its header is `header_size` bytes: keep what was read
+        past it for the reads that follow."""
+        if got > header_size:
+            extra = got - header_size
+            self._carry[:extra] = self.header[header_size:got]
+            self._pending = self._carry[:extra]
+            got = header_size
+        self.have = got
 
     def state(self, ops: object, factory: Callable[[], Any]) -> Any:
         key = id(ops)
@@ -132,11 +183,9 @@ class Receiver:
         self.on_error = on_error
         self.stats = stats
         self._kind_mask, self._ops = recv_ops_table(layout)
-        sizes = [ops.header_size(page_size) for ops in self._ops.values()]
-        self._header_size = max(sizes)
-        # Read the shortest header of the allowed kinds in one go: with the 7.2 layout
-        # (RAM packets only) that is the whole header, one recv fewer per packet.
-        self._prefix = min(sizes)
+        self._header_sizes = {bits: ops.header_size(page_size)
+                              for bits, ops in self._ops.items()}
+        self._header_size = max(self._header_sizes.values())
         self._mu = threading.Lock()
         self._cv = threading.Condition(self._mu)
         self._chans: dict[int, RecvChannel] = {}
@@ -310,24 +359,23 @@ class Receiver:
         return True
 
     def _run(self, ch: RecvChannel) -> None:
-        prefix = ch.prefix
-        head = ch.header[:prefix]
-        common = head[:MULTIFD_COMMON_HEADER_SIZE]
+        common = ch.header[:MULTIFD_COMMON_HEADER_SIZE]
         mask = self._kind_mask
         table = self._ops
+        sizes = self._header_sizes
         st = ch.stats
         try:
             while True:
-                got = recv_at_least_into(ch.sock, head, MULTIFD_COMMON_HEADER_SIZE)
+                got = ch.begin_packet()
                 if not got:
                     break  # EOF between packets: the source is done with this channel
                 flags = decode_common_header(common)
-                ops = table.get(flags & mask)
+                kind = flags & mask
+                ops = table.get(kind)
                 if ops is None:
                     raise BadRecordType(f"packet kind not allowed with layout "
                                         f"{self.layout.value}", field="flags", value=flags)
-                if got < prefix:
-                    recv_exact_into(ch.sock, head[got:])
+                ch.end_header(got, sizes[kind])
                 if ops.receive(ch, flags):
                     st.add("packets", 1)
                     st.add("sync_packets", 1)

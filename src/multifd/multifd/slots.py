@@ -130,8 +130,8 @@ class RecvChannelContext(Protocol):
     id: int
     layout: PacketLayout
     page_size: int
-    header: memoryview  # per-channel header buffer; [:prefix] holds the packet's start
-    prefix: int  # bytes read before the kind was known: >= 12, <= this kind's header_size
+    header: memoryview  # per-channel header buffer; [:have] holds the packet's start
+    have: int  # header bytes already read: >= 12, <= this kind's header_size
     stats: ChannelStats
     compression_flag: int
     decompressor: Any
@@ -177,7 +177,7 @@ class RecvOps(abc.ABC):
 
     @abc.abstractmethod
     def receive(self, ch: RecvChannelContext, flags: int) -> bool:
-        """Read the rest of the packet (its first `ch.prefix` bytes, the common header
+        """Read the rest of the packet (its first `ch.have` bytes, the common header
         included, are in `ch.header`), validate it, apply it. Returns True if the packet
         was a SYNC."""
 
