@@ -99,8 +99,12 @@ def test_zero_pages_random_contiguous_and_chunked() -> None:
         assert np.array_equal(b.zero_pages(sample), expected[sample])
         assert np.array_equal(b.zero_pages(np.arange(100, 200)), expected[100:200])
         assert b.zero_pages(np.array([], dtype=np.int64)).shape == (0,)
+        for start, count in ((0, n), (100, 128), (n - 128, 128), (7, 1)):
+            assert np.array_equal(b.zero_pages_range(start, count),
+                                  expected[start : start + count])
         b.pages[n - 1, 4095] = 9  # last byte of the block
         assert not b.zero_pages(np.array([n - 1]))[0]
+        assert not b.zero_pages_range(n - 1, 1)[0]
 
 
 def test_checksum_is_sha256_of_contents() -> None:

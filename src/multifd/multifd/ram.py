@@ -154,15 +154,13 @@ class RamSendOps(SendOps):
         ps = ch.page_size
         offs = payload.offsets[: payload.num]
         run = payload.run_start
-        idx = None
         zero_off = _EMPTY
         if ch.zero_page_detection:
-            idx = offs // np.uint64(ps)
-            nz = ~block.zero_pages(idx)
-            if not nz.all():
-                zero_off = offs[~nz]
-                offs = offs[nz]
-                idx = idx[nz]
+            zero = (block.zero_pages_range(run // ps, payload.num) if run is not None
+                    else block.zero_pages(offs // np.uint64(ps)))
+            if zero.any():
+                zero_off = offs[zero]
+                offs = offs[~zero]
                 run = None
         nn = offs.shape[0]
         data: list[Any] = []
@@ -170,8 +168,7 @@ class RamSendOps(SendOps):
             if run is not None:  # the common packet: consecutive pages, one view of RAM
                 pages: list[Any] = [block.view[run : run + nn * ps]]
             else:
-                if idx is None:
-                    idx = offs // np.uint64(ps)
+                idx = offs // np.uint64(ps)
                 starts, lengths = page_runs(idx)
                 if starts.shape[0] <= MAX_RUNS:
                     view = block.view
