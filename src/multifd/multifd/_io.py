@@ -42,23 +42,18 @@ __all__ = ["SEND_STALL_TIMEOUT_S", "SendStalled", "byte_views", "recv_at_least_i
            "recv_exact_into", "recvmsg_exact_into", "send_views", "sendmsg_all"]
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False) -> bool:
-    """Fill `view` completely. Returns False on EOF before the first byte if `eof_ok`.
-
-    EOF anywhere else raises Truncated (the peer hung up in the middle of a record).
-    """
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` completely; EOF first raises Truncated (the peer hung up in the middle
+    of a record)."""
     n = len(view)
     got = 0
     while got < n:
         # MSG_WAITALL: one syscall for the whole view unless a signal or EOF intervenes.
         r = sock.recv_into(view[got:] if got else view, n - got, socket.MSG_WAITALL)
         if r == 0:
-            if got == 0 and eof_ok:
-                return False
             raise Truncated("channel closed in the middle of a packet", field="bytes_missing",
                             value=n - got)
         got += r
-    return True
 
 
 def recv_at_least_into(sock: socket.socket, view: memoryview, need: int) -> int:
