@@ -211,6 +211,13 @@ def test_zero_out_with_a_received_map_writes_only_received_pages() -> None:
         # Page 1 is not in the map: the caller promised it is zero, so it is not looked at.
         assert blk.zero_out(np.arange(8), received) == 2
         assert blk.pages[1].all() and not blk.pages[2].any()
+        # the range form: the same rule, and a run never received touches nothing
+        blk.pages[[2, 5, 6]] = 3
+        assert blk.zero_out_range(8, 100, received) == 0
+        assert blk.zero_out_range(0, 8, received) == 2
+        assert blk.pages[1].all() and blk.pages[6].all() and not blk.pages[[2, 5]].any()
+        assert blk.zero_out_range(0, 8) == 2  # no map: pages 1 and 6 hold data
+        assert not blk.pages[:8].any()
     finally:
         blk.close()
 

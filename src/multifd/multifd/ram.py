@@ -266,7 +266,7 @@ class RamRecvOps(RecvOps):
                     received[first : first + nn] = True
                 st.add("normal_pages", nn)
             if nzero:
-                block.zero_out(np.arange(first + nn, first + nn + nzero), received)
+                block.zero_out_range(first + nn, nzero, received)
                 st.add("zero_pages", nzero)
             return hdr.is_sync
         offsets = hdr.offsets
