@@ -5,15 +5,18 @@ Wire form (qemu-reference.md 3.3, QEMU `multifd-nocomp.c`, `multifd-zero-page.c`
 `next_packet_size` payload bytes — the normal pages raw (nocomp) or one per-channel
 compressed stream segment. Offsets are normal pages first, then (HEAD layout) zero pages.
 
-Send: pages go out as views of the block's memory, one view per contiguous run found with
-numpy; a scattered batch is gathered into a per-channel bounce buffer with one `np.take`.
-With in-channel zero-page detection (qemu-10 profile) one numpy reduction per batch
-partitions normal/zero pages; zero pages travel as offsets only. Compression is one
+Send: pages go out as views of the block's memory: one view for the common payload of
+consecutive pages (`RamPayload.run_start`, found while validating it), else one view per
+contiguous run found with numpy; a scattered batch is gathered into a per-channel bounce
+buffer with one `np.take`. With in-channel zero-page detection (qemu-10 profile) one numpy
+reduction per batch partitions normal/zero pages (a run's first words are read through a
+strided view); zero pages travel as offsets only. Compression is one
 `compress_packet` call per packet on the channel's persistent compressor, only when the
 packet has normal pages. Flags carry the compression bits whenever the packet has pages
 (normal or zero, as QEMU 10.0 sends; SYNC-only packets have none).
 
-Receive: the header is validated against the blocks before memory is touched; nocomp
+Receive: the header is validated against the blocks before memory is touched (a packet
+of consecutive pages by its first and last offset, `RamPacketHeader.run_start`); nocomp
 pages are received straight into RAM (`recvmsg_into` on the runs) or, when scattered, into
 a per-channel scratch then scattered with numpy; compressed payloads are read into the
 per-channel input buffer and decompressed into RAM (one run) or the scratch.
