@@ -1,11 +1,13 @@
-"""Helpers shared by the benchmark scripts: the random blob and the memory warm-up."""
+"""Helpers shared by the benchmark scripts: the random blob, the memory warm-up, CPU seconds."""
 
 from __future__ import annotations
 
 import hashlib
 import mmap
 import os
+import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,3 +59,15 @@ def cpu_since(pid: int, before: dict[str, float]) -> dict[str, float]:
     """CPU seconds `pid` used since `before` (a proc_cpu result)."""
     now = proc_cpu(pid)
     return {k: round(now[k] - before[k], 3) for k in ("user", "sys")}
+
+
+def cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median user+sys CPU seconds of the source and the destination over `runs` (each
+    with `src_cpu_s` / `dst_cpu_s` as cpu_since gives them); None when a side has none."""
+    out = {}
+    for side in ("src", "dst"):
+        vals = [c["user"] + c["sys"] for r in runs if (c := r.get(f"{side}_cpu_s"))]
+        if not vals:
+            return None
+        out[side] = round(statistics.median(vals), 3)
+    return out

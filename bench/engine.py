@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_since, make_blob, proc_cpu, warm_memory
+from benchlib import cpu_medians, cpu_since, make_blob, proc_cpu, warm_memory
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -242,12 +242,10 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
                              compression=args.compression, max_bandwidth=QEMU_MAX_BANDWIDTH)
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
         warm_memory(args.warm_mib * MiB)
-        cpu0 = [proc_cpu(vm.pid) for vm in (src, dst)]
+        cpu0 = proc_cpu(src.pid), proc_cpu(dst.pid)
         src.migrate(uri)
         q = src.wait_migration(MIGRATION_TIMEOUT_S)
         dst.wait_migration(MIGRATION_TIMEOUT_S)
-        src_cpu, dst_cpu = (cpu_since(vm.pid, c) for vm, c in zip((src, dst), cpu0,
-                                                                   strict=True))
         ram = q.get("ram", {})
         run: dict[str, Any] = {
             "who": "qemu", "status": "completed", "total_ms": q.get("total-time"),
@@ -255,7 +253,7 @@ def run_qemu(args: argparse.Namespace, blob: Path, blob_sha: str, verify: bool) 
             "duplicate": ram.get("duplicate"), "transferred": ram.get("transferred"),
             "downtime_ms": q.get("downtime"), "setup_ms": q.get("setup-time"),
             "mbps": ram.get("mbps"), "accel": src.accel,
-            "src_cpu_s": src_cpu, "dst_cpu_s": dst_cpu,
+            "src_cpu_s": cpu_since(src.pid, cpu0[0]), "dst_cpu_s": cpu_since(dst.pid, cpu0[1]),
         }
         if verify:
             run["verified"] = dst.pmem_sha256(BLOB_ADDR, args.data) == blob_sha
@@ -418,8 +416,8 @@ def parent(args: argparse.Namespace) -> int:
         "qemu_accel": qemu[0].get("accel") if qemu else None,
         "cpus": os.cpu_count(),
         # median CPU seconds (user + sys) of each process over the migration
-        "ours_cpu_s": _cpu_medians(ours),
-        "qemu_cpu_s": _cpu_medians(qemu),
+        "ours_cpu_s": cpu_medians(ours),
+        "qemu_cpu_s": cpu_medians(qemu),
         "runs": runs,
     }
     if args.json:
@@ -428,17 +426,6 @@ def parent(args: argparse.Namespace) -> int:
         _print(report)
     ok = bool(ours) and (not with_qemu or bool(qemu)) and report["failures"] == 0
     return 0 if ok and report["verified"] and report["dest_rss_ok"] else 1
-
-
-def _cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Median user+sys CPU seconds of the source and the destination over `runs`."""
-    out = {}
-    for side in ("src", "dst"):
-        vals = [c["user"] + c["sys"] for r in runs if (c := r.get(f"{side}_cpu_s"))]
-        if not vals:
-            return None
-        out[side] = round(statistics.median(vals), 3)
-    return out
 
 
 def _print(r: dict[str, Any]) -> None:

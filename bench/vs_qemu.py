@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_since, make_blob, proc_cpu, warm_memory
+from benchlib import cpu_medians, cpu_since, make_blob, proc_cpu, warm_memory
 from multifd.migration.profile import get_profile
 from multifd.qemu.image import VmImage, read_image
 from multifd.qemu.peer import migrate_to_qemu
@@ -236,17 +236,6 @@ def _med(rs: list[dict[str, Any]]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _cpu_med(rs: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Median CPU seconds (user + sys) of the source and of the destination over `rs`."""
-    out = {}
-    for side in ("src", "dst"):
-        xs = [c["user"] + c["sys"] for r in rs if (c := r.get(f"{side}_cpu_s"))]
-        if not xs:
-            return None
-        out[side] = round(statistics.median(xs), 3)
-    return out
-
-
 def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, tmp: Path
                   ) -> dict[str, Any]:
     image = tmp / f"image-{version}.bin"
@@ -295,7 +284,7 @@ def bench_version(version: str, args: argparse.Namespace, blob: Path, sha: str, 
         "qemu_to_qemu_ms": q2q, "qemu_to_ours_ms": q2o, "ours_to_qemu_ms": o2q,
         "qemu_to_sink_ms": q2s,
         # median CPU seconds of each side while the source ran (the sink's too)
-        "cpu_s": {k: _cpu_med(v) for k, v in runs.items()},
+        "cpu_s": {k: cpu_medians(v) for k, v in runs.items()},
         "incoming_ratio": round(q2o / q2q, 3) if q2o and q2q else None,
         "migrate_ratio": round(o2q / q2q, 3) if o2q and q2q else None,
         "verified": bool(verified) and all(verified),

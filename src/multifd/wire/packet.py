@@ -228,14 +228,11 @@ class RamPacketHeader:
 
     @property
     def offsets(self) -> np.ndarray:
-        offs = self.explicit_offsets
-        if offs is None:
+        if self.explicit_offsets is None:  # a run: run_start, +page_size, ...
             used = self.normal_pages + self.zero_pages
-            offs = np.arange(used, dtype=np.uint64) * np.uint64(self.page_size)
-            if used:
-                offs += np.uint64(self.run_start)
-            self.explicit_offsets = offs
-        return offs
+            self.explicit_offsets = (np.arange(used, dtype=np.uint64) * np.uint64(self.page_size)
+                                     + np.uint64(self.run_start))
+        return self.explicit_offsets
 
     @property
     def is_sync(self) -> bool:
