@@ -214,7 +214,7 @@ class RamBlock:
             pages = idx[part]
             if is_run(pages, 1):
                 rows = words[int(pages[0]) : int(pages[-1]) + 1]
-                if not np.count_nonzero(rows):  # the usual case: all zero, one fast pass
+                if not rows.max():  # the usual case: all zero, one pass (~2x count_nonzero)
                     continue
             else:
                 rows = words[pages]

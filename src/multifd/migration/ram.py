@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
 _WINDOW = 8192  # pages taken from todo at a time (64 packets)
+_TODO_STRETCH = 8 * _WINDOW  # pages of todo indexed at a time
 _SCAN_AHEAD = 2048  # pages zero-scanned ahead per wait for a free channel slot
 
 
@@ -145,19 +146,24 @@ class RamSaveHandler:
         while self.cursor_block < len(self.blocks):
             block = self.blocks[self.cursor_block]
             todo = self.todo[self.cursor_block]
-            idx = np.flatnonzero(todo[self.cursor_page :])
-            if idx.size:
-                idx += self.cursor_page
-            for win in range(0, idx.size, _WINDOW):
-                pages = idx[win : win + _WINDOW]
-                todo[pages] = False
-                self.todo_count -= int(pages.size)
-                last = int(pages[-1]) + 1
-                self._window_end = last
-                self._send_window(self.cursor_block, block, pages)
-                self.cursor_page = last
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
+            while self.cursor_page < block.num_pages:
+                # todo is read a stretch at a time: an iteration sends ~50 ms worth, so
+                # indexing the whole rest of a large block each time would be wasted.
+                start = self.cursor_page
+                end = min(start + _TODO_STRETCH, block.num_pages)
+                idx = np.flatnonzero(todo[start:end])
+                idx += start
+                for win in range(0, idx.size, _WINDOW):
+                    pages = idx[win : win + _WINDOW]
+                    todo[pages] = False
+                    self.todo_count -= int(pages.size)
+                    last = int(pages[-1]) + 1
+                    self._window_end = last
+                    self._send_window(self.cursor_block, block, pages)
+                    self.cursor_page = last
+                    if deadline is not None and time.monotonic() > deadline:
+                        return False
+                self.cursor_page = end
             self.cursor_block += 1
             self.cursor_page = 0
             self._scan_end = 0
