@@ -302,6 +302,28 @@ def test_ram_packet_validation(mutate, layout, kw, exc, text) -> None:  # type: 
         decode_ram_packet(bytes(raw), layout=layout, blocks=BLOCKS)
 
 
+@given(st.lists(st.integers(0, 0x4000000 // 4096 + 2), min_size=1, max_size=128),
+       st.integers(0, 127), st.sampled_from([0, 1, 0x800]))
+def test_offsets_checked_like_entry_by_entry(pages: list[int], at: int, skew: int) -> None:
+    """Any offset array (runs or not, shuffled as QEMU 10's zero pages are): accepted
+    exactly when every entry is aligned and inside the block; the error names the first
+    bad entry, misalignment before range."""
+    offs = [p * 4096 for p in pages]
+    offs[at % len(offs)] += skew
+    raw = _packet(HEAD, normal=np.zeros(0, np.uint64), zero=np.array(offs, np.uint64),
+                  next_packet_size=0)
+    limit = BLOCKS["pc.ram"] - 4096
+    misaligned = [o for o in offs if o % 4096]
+    outside = [o for o in offs if o > limit]
+    if not misaligned and not outside:
+        assert list(decode_ram_packet(bytes(raw), layout=HEAD, blocks=BLOCKS).offsets) == offs
+        return
+    with pytest.raises(BadOffset) as ei:
+        decode_ram_packet(bytes(raw), layout=HEAD, blocks=BLOCKS)
+    assert ei.value.value == (misaligned or outside)[0]
+    assert ("page-aligned" if misaligned else "outside") in str(ei.value)
+
+
 def test_compression_flag_checked_only_with_pages() -> None:
     raw = bytes(_packet(HEAD, flags=2, next_packet_size=100))
     with pytest.raises(Mismatch, match=r"compression flags 0x2, expected 0x4"):

@@ -359,17 +359,18 @@ def decode_ram_packet(
 
 def _check_offsets(offs: np.ndarray, page_size: int, ramblock: str,
                    blocks: Mapping[str, int] | None) -> None:
-    """Every offset page-aligned and (with `blocks`) inside the block."""
-    bad = offs & np.uint64(page_size - 1)
-    if bad.any():
-        raise BadOffset("page offset not page-aligned", field="offset",
-                        value=int(offs[np.flatnonzero(bad)[0]]))
-    if blocks is not None:
+    """Every offset page-aligned and (with `blocks`) inside the block: two reductions (an
+    OR for the alignment, a max for the bound); the index of a bad one only on error."""
+    mask = page_size - 1
+    if offs.size and int(np.bitwise_or.reduce(offs)) & mask:
+        at = int(np.flatnonzero(offs & np.uint64(mask))[0])
+        raise BadOffset("page offset not page-aligned", field="offset", value=int(offs[at]))
+    if blocks is not None and offs.size:
         limit = blocks[ramblock] - page_size
-        over = offs > np.uint64(limit) if limit >= 0 else np.ones(len(offs), dtype=bool)
-        if over.any():
+        if limit < 0 or int(offs.max()) > limit:
+            at = 0 if limit < 0 else int(np.flatnonzero(offs > np.uint64(limit))[0])
             raise BadOffset(f"page offset outside RAM block {ramblock!r}", field="offset",
-                            value=int(offs[np.flatnonzero(over)[0]]))
+                            value=int(offs[at]))
 
 
 class RamPacketEncoder:

@@ -75,8 +75,9 @@ def be64_run_start(buf: bytes | bytearray | memoryview, offset: int, n: int,
         return None
     raw = bytes(buf[offset : offset + 8 * n])  # from_bytes is 2x slower on a memoryview
     first = int.from_bytes(raw[:8], "big")
-    if first + (n - 1) * step >= 1 << 64:
-        return None
+    last = first + (n - 1) * step
+    if last >= 1 << 64 or int.from_bytes(raw[-8:], "big") != last:
+        return None  # the cheap rejection (e.g. QEMU 10's zero pages, swapped to the end)
     k1, k2 = _be64_run_keys(n, step)
     return first if int.from_bytes(raw, "big") == first * k1 + k2 else None
 
