@@ -342,7 +342,6 @@ class _Outgoing:
         self.main: MainStreamWriter | None = None
         self.normal = 0
         self.zero = 0
-        self.skipped_zero = 0  # qemu-10: zero pages not sent at all (see _send_block)
         self.t_sent = 0.0
 
     def open(self, uri: str) -> None:
@@ -355,9 +354,10 @@ class _Outgoing:
                 else:
                     self.sock, chans = connect_channels(addr, self.n, self.profile.name,
                                                         self.timeout)
+                # No zero-page detection in the channels: _send_block has scanned the
+                # image (which does not change) and queues only pages with data.
                 self.sender = Sender(chans, uuid=self.uuid, layout=self.profile.layout,
-                                     compression=self.compression,
-                                     zero_page_detection=self.profile.zero_pages_in_multifd)
+                                     compression=self.compression)
                 self.sender.start()
             elif tls is not None:
                 self.sock = connect_tls(addr, tls, self.timeout)
@@ -420,17 +420,14 @@ class _Outgoing:
             idx = np.arange(start, min(start + SCAN_WINDOW_PAGES, npages), dtype=np.int64)
             zero = block.zero_pages(idx)
             nz = int(np.count_nonzero(zero))
-            if self.profile.zero_pages_in_multifd:
-                # A QEMU >= 9.0 destination ignores a zero page it has never received
-                # (multifd_recv_zero_page_process only marks it received), and an image
-                # goes out in one pass: every zero page would be such a page, so none is
-                # sent.
-                self.skipped_zero += nz
-            elif nz:
+            self.zero += nz
+            # qemu-10: a QEMU >= 9.0 destination ignores a zero page it has never received
+            # (multifd_recv_zero_page_process only marks it received), and an image goes
+            # out in one pass: every zero page would be such a page, so none is sent.
+            if nz and not self.profile.zero_pages_in_multifd:
                 self.main.write(encode_zero_run(block.name, idx[zero].astype(np.uint64) * ps,
                                                 first_continues=named))
                 named = True
-                self.zero += nz
             pages = idx[~zero].astype(np.uint64) * ps
             self.normal += int(pages.size)
             for pos in range(0, pages.size, batch):
@@ -452,10 +449,6 @@ class _Outgoing:
             err = self.sender.error
             if err is not None:
                 raise err
-            tot = sum_channel_stats(self.sender.channel_stats())
-            if self.profile.zero_pages_in_multifd:
-                self.normal = tot.get("normal_pages", 0)
-                self.zero = tot.get("zero_pages", 0) + self.skipped_zero
         self.t_sent = time.monotonic()
         if self.stream is not None:
             self.stream.close()
