@@ -293,17 +293,10 @@ class RamRecvOps(RecvOps):
                 received[idx] = True
             st.add("normal_pages", nn)
         if nzero:
+            zidx = (offsets[nn : nn + nzero] // ps).astype(np.int64)
             # Write only pages that may hold data (QEMU skips the others too): with
             # fresh RAM, pages never received are zero already; otherwise look.
-            zoffs = offsets[nn : nn + nzero]
-            untouched = False
-            if received is not None:
-                # QEMU 10 swaps zero pages to the end of the array, so a packet of zero
-                # pages is a shuffled run: its span never written needs nothing.
-                lo, hi = int(zoffs.min()) // ps, int(zoffs.max()) // ps
-                untouched = hi - lo < 2 * nzero and not received[lo : hi + 1].any()
-            if not untouched:
-                block.zero_out((zoffs // ps).astype(np.int64), received)
+            block.zero_out(zidx, received)
             st.add("zero_pages", nzero)
         return hdr.is_sync
 
