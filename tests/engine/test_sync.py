@@ -162,3 +162,45 @@ def test_sync_written_after_pending_job_and_exactly_one_per_channel() -> None:
             assert [s["sync_packets"] for s in pair.sender.channel_stats()] == [r + 1] * 3
     finally:
         pair.close()
+
+
+def test_sync_main_gives_up_when_check_raises() -> None:
+    """A channel whose SYNC never comes (stalled) must not hold the loader forever: the
+    check it passes (the destination: is the main channel reset?) ends the wait, and the
+    error names the channel that is late."""
+    import socket
+
+    from multifd.machine import RamBlock
+    from multifd.multifd import MultifdError
+    from multifd.multifd.receiver import Receiver
+    from multifd.wire.constants import MultifdFlag
+    from multifd.wire.packet import InitPacket, RamPacketEncoder
+
+    uuid = bytes(range(16))
+    block = RamBlock("pc.ram", 1 << 20)
+    rx = Receiver(channels=2, uuid=uuid, layout=PacketLayout.HEAD, blocks={"pc.ram": block})
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        for cid, (a, b) in enumerate(pairs):
+            a.sendall(InitPacket(uuid, cid).encode())
+            rx.add_channel(b, timeout=5)
+        sync = RamPacketEncoder(PacketLayout.HEAD).encode(
+            flags=int(MultifdFlag.SYNC), packet_num=0, ramblock="pc.ram",
+            normal=np.zeros(0, np.uint64), next_packet_size=0)
+        pairs[0][0].sendall(sync)  # channel 0 reaches its SYNC, channel 1 stays silent
+        calls = []
+
+        def check() -> None:
+            calls.append(time.monotonic())
+            if len(calls) == 3:
+                raise ConnectionError("main channel reset")
+
+        t0 = time.monotonic()
+        with pytest.raises(MultifdError, match=r"main channel reset.*channel 1 had not"):
+            rx.sync_main(timeout=10, check=check)
+        assert time.monotonic() - t0 < 2
+    finally:
+        rx.close()
+        for a, _ in pairs:
+            a.close()
+        block.close()

@@ -336,11 +336,11 @@ class MigrationDestination:
             self._main_normal += 1
         elif isinstance(rec, RamEos):
             if self.receiver is not None and self.profile.sync_per_section:
-                self.receiver.sync_main()
+                self.receiver.sync_main(check=self._check_main_alive)
         elif isinstance(rec, RamMultifdFlush):
             if self.receiver is None:
                 raise Mismatch("MULTIFD_FLUSH on a stream without multifd channels")
-            self.receiver.sync_main()
+            self.receiver.sync_main(check=self._check_main_alive)
         elif isinstance(rec, RamMemSize):
             self._check_blocks(rec)
         elif isinstance(rec, SectionHeader):
@@ -465,6 +465,13 @@ class MigrationDestination:
         if self._listener is not None:
             self._listener.close()
 
+    def _check_main_alive(self) -> None:
+        """While waiting at a multifd sync: fail if the source reset the main channel (it
+        gave up, e.g. on a stalled channel whose SYNC will then never come)."""
+        if isinstance(self._main, socket.socket) and _peer_reset(self._main):
+            raise ConnectionError("main channel reset by the source while waiting for "
+                                  "every multifd channel's SYNC")
+
     def _await_channels_closed(self) -> None:
         """After EOF: every channel must end with the source's clean close before we run.
 
@@ -488,6 +495,14 @@ class MigrationDestination:
             if poller.poll(20) and _peer_gone(self._main):
                 raise ConnectionError("the source closed the main channel before closing "
                                       "every multifd channel (it failed at the end)")
+
+
+def _peer_reset(sock: socket.socket) -> bool:
+    """True when the main channel was reset (a FIN is not enough: a source may close its
+    side once everything is sent, with our reads still behind)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
 def _peer_gone(sock: socket.socket) -> bool:

@@ -244,14 +244,25 @@ class Receiver:
         with self._mu:
             return bool(self._chans) and all(ch.ended for ch in self._chans.values())
 
-    def sync_main(self, timeout: float | None = None) -> None:
+    def sync_main(self, timeout: float | None = None,
+                  check: Callable[[], None] | None = None) -> None:
         """The main-stream loader's barrier at EOS (7.2) / MULTIFD_FLUSH (10): wait until
         every channel has reached its SYNC packet (and applied everything before it), then
-        release them all. Raises MultifdError if a channel failed, closed, or on timeout."""
+        release them all. Raises MultifdError if a channel failed, closed, or on timeout.
+        `check()` runs at every wake-up (at least every 0.1 s) and may raise to give up:
+        the loader is not reading the main channel meanwhile, so this is how it learns
+        that the source is gone while a stalled channel keeps its SYNC from arriving."""
 
         def all_reached() -> bool:
             if self._n_at_sync == self.channels:
                 return True
+            if check is not None:
+                try:
+                    check()
+                except Exception as exc:
+                    late = sorted(ch.id for ch in self._chans.values() if not ch.at_sync)
+                    raise MultifdError(f"{exc} (multifd channel {', '.join(map(str, late))} "
+                                       "had not reached its SYNC)") from exc
             for ch in self._chans.values():
                 if ch.ended and not ch.at_sync:
                     raise MultifdError(f"multifd channel {ch.id} closed before its SYNC")
