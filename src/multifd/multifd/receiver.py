@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from multifd.compress import get_method
-from multifd.machine.ramblock import received_maps
 from multifd.multifd._io import recv_at_least_into, recv_exact_into, recvmsg_exact_into
 from multifd.multifd.slots import ChannelStats, MultifdError, Stats, recv_ops_table
 from multifd.wire.constants import (
@@ -175,9 +174,12 @@ class Receiver:
         self.block_sizes = {name: int(b.used_length) for name, b in self.blocks.items()}
         # fresh_ram: the blocks are all zero before the migration (a new machine), so a
         # zero page never received needs no write and no read (QEMU's recv bitmap).
+        # The caller normally passes the maps it shares with its loader; without them the
+        # core makes its own (all False, one bool per page).
         self.received: dict[str, np.ndarray] = (
             {} if not fresh_ram else dict(received) if received is not None
-            else received_maps(self.blocks))
+            else {name: np.zeros(size // page_size, dtype=bool)
+                  for name, size in self.block_sizes.items()})
         self.device_state_sink = device_state_sink
         self.max_payload = max_payload
         self.on_error = on_error

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from multifd.commands.demo_procs import demo_params, emit, read_events, start_child
 from multifd.testing.faults import (
     FaultProxy,
     kill_process,
@@ -36,11 +37,6 @@ from multifd.testing.faults import (
 ACK_TIMEOUT_S = 10.0
 
 
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def _read_line(timeout: float) -> str:
     ready, _, _ = select.select([sys.stdin], [], [], timeout)
     return sys.stdin.readline().strip() if ready else ""
@@ -49,12 +45,11 @@ def _read_line(timeout: float) -> str:
 # -- source child ------------------------------------------------------------------------
 def faulted_source(args: argparse.Namespace) -> int:
     """The demo source, with a pause at the fault phase and a retry on command."""
-    from multifd.commands.demo import _params
     from multifd.machine.demo import DemoWorkload, build_demo_machine
     from multifd.migration.profile import get_profile
     from multifd.migration.source import MigrationSource
 
-    params, caps = _params(args)
+    params, caps = demo_params(args)
     machine = build_demo_machine(args.ram, seed=args.seed, total_steps=args.steps,
                                  device_state_size=args.device_state,
                                  device_state_via_multifd=args.device_state_via == "multifd")
@@ -67,7 +62,7 @@ def faulted_source(args: argparse.Namespace) -> int:
 
     def on_phase(phase: str) -> None:
         if phase == args.fault_phase and not t_fault:
-            _emit({"event": "phase", "phase": phase})
+            emit({"event": "phase", "phase": phase})
             _read_line(ACK_TIMEOUT_S)  # the parent has injected the fault
             t_fault.append(time.monotonic())
 
@@ -76,11 +71,11 @@ def faulted_source(args: argparse.Namespace) -> int:
     st = src.wait()
     t_end = time.monotonic()
     workload.stop(timeout=10)
-    _emit({"event": "result", "status": str(st), "error": src.error,
-           "phase_reached": bool(t_fault),
-           "time_to_fail_ms": round((t_end - t_fault[0]) * 1000, 1) if t_fault else None,
-           "running": machine.is_running, "step": workload.cpu.step,
-           "checksum": machine.checksum()})
+    emit({"event": "result", "status": str(st), "error": src.error,
+          "phase_reached": bool(t_fault),
+          "time_to_fail_ms": round((t_end - t_fault[0]) * 1000, 1) if t_fault else None,
+          "running": machine.is_running, "step": workload.cpu.step,
+          "checksum": machine.checksum()})
     if str(st) == "completed":
         machine.close()
         return 1
@@ -95,7 +90,7 @@ def faulted_source(args: argparse.Namespace) -> int:
     retry.start(line.split(" ", 1)[1])
     st2 = retry.wait()
     workload.stop(timeout=10)
-    _emit({"event": "retry", "status": str(st2), "error": retry.error})
+    emit({"event": "retry", "status": str(st2), "error": retry.error})
     machine.close()
     return 0 if str(st2) == "completed" else 1
 
@@ -105,8 +100,6 @@ class _Proc:
     """A child process and its JSON events, read on a thread."""
 
     def __init__(self, proc: Any) -> None:
-        from multifd.commands.demo import _read_events
-
         self.proc = proc
         self.events: list[dict[str, Any]] = []
         self.cv = threading.Condition()
@@ -117,7 +110,7 @@ class _Proc:
                 self.cv.notify_all()
 
         def reader() -> None:
-            _read_events(proc, self.events, on_line)
+            read_events(proc, self.events, on_line)
             self.t_exit = time.monotonic()
             with self.cv:
                 self.cv.notify_all()
@@ -157,9 +150,7 @@ class _Proc:
 def _start_destination(args: argparse.Namespace) -> tuple[_Proc, str]:
     import subprocess
 
-    from multifd.commands.demo import _child
-
-    dst = _Proc(_child(args, "destination", stdin=subprocess.DEVNULL))
+    dst = _Proc(start_child(args, "destination", stdin=subprocess.DEVNULL))
     ev = dst.wait_event("listening", 60)
     if ev is None:
         dst.proc.kill()
@@ -171,7 +162,6 @@ def run_fault_cell(args: argparse.Namespace) -> int:
     """Parent of ``multifd demo --inject-fault SPEC``: prints the cell's report."""
     import subprocess
 
-    from multifd.commands.demo import _child
     from multifd.machine.demo import expected_checksum
 
     try:
@@ -186,8 +176,8 @@ def run_fault_cell(args: argparse.Namespace) -> int:
         return 2
     dst, uri = _start_destination(args)
     proxy = FaultProxy.for_uri(uri)
-    src = _Proc(_child(args, "source", proxy.uri, extra=["--fault-phase", fault.phase],
-                       stdin=subprocess.PIPE))
+    src = _Proc(start_child(args, "source", proxy.uri, extra=["--fault-phase", fault.phase],
+                            stdin=subprocess.PIPE))
     report: dict[str, Any] = {"fault": fault.spec}
     t_fault = 0.0
     try:
@@ -230,7 +220,7 @@ def run_fault_cell(args: argparse.Namespace) -> int:
         # the retry: a fresh destination, no proxy
         dst2, uri2 = _start_destination(args)
         if fault.kind == "kill-source" or s_res is None:
-            src2 = _Proc(_child(args, "source", uri2, stdin=subprocess.DEVNULL))
+            src2 = _Proc(start_child(args, "source", uri2, stdin=subprocess.DEVNULL))
             r_ev = src2.wait_event("result", 300)
             src2.finish(60)
         else:

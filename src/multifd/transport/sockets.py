@@ -12,14 +12,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import selectors
 import socket
 import stat
 import time
-from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+# The gather-send lives in the channel core, which sits below the transport and may not
+# import it; re-exported here, its home for the main stream and the tools.
+from multifd.multifd._io import (
+    IOV_MAX,
+    SEND_STALL_TIMEOUT_S,
+    SendStalled,
+    send_views,
+    sendmsg_all,
+)
 from multifd.transport.uri import Address, TcpAddress, UnixAddress
 
 __all__ = [
@@ -31,16 +38,15 @@ __all__ = [
     "connect",
     "recv_exactly",
     "recv_exactly_into",
+    "send_views",
     "sendmsg_all",
     "tune_socket",
 ]
 
-IOV_MAX = 1024  # Linux UIO_MAXIOV: the most buffers one sendmsg/writev accepts
 _BUFFER_SIZE = 4 << 20
 _KEEPIDLE_S = 3  # idle 3 s + 3 probes x 1 s: a silent dead peer is found in ~6 s (< 10 s)
 _KEEPINTVL_S = 1
 _KEEPCNT = 3
-SEND_STALL_TIMEOUT_S = 5.0  # a send making no progress this long means a dead/stalled peer
 
 
 class ConnectionClosed(ConnectionError):
@@ -56,10 +62,6 @@ class ConnectionClosed(ConnectionError):
 
 class _Readable(Protocol):
     def recv_into(self, buffer: Any, nbytes: int = ..., flags: int = ...) -> int: ...
-
-
-class _Writable(Protocol):
-    def sendmsg(self, buffers: Iterable[Any], /) -> int: ...
 
 
 def _sysctl_max(name: str) -> int:
@@ -291,57 +293,3 @@ def recv_exactly(sock: _Readable, n: int, what: str = "data") -> bytearray:
     buf = bytearray(n)
     recv_exactly_into(sock, buf, what)
     return buf
-
-
-class SendStalled(TimeoutError):
-    """The peer accepted no byte for the stall timeout: it is dead or stopped reading."""
-
-
-def _send_batch(sock: _Writable, batch: list[memoryview], stall_timeout: float | None) -> int:
-    """One ``sendmsg``; on a real socket wait at most ``stall_timeout`` s for buffer space."""
-    if stall_timeout is None or not isinstance(sock, socket.socket):
-        return sock.sendmsg(batch)
-    while True:
-        try:
-            return sock.sendmsg(batch, [], socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            pass
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        if not poller.poll(stall_timeout * 1000):
-            raise SendStalled(f"peer stalled: no byte accepted for {stall_timeout:g} s "
-                              "(dead or not reading)")
-
-
-def sendmsg_all(sock: _Writable, buffers: Sequence[Any],
-                stall_timeout: float | None = SEND_STALL_TIMEOUT_S) -> int:
-    """Gather-send every buffer in order, resuming after partial sends without copying.
-
-    At most IOV_MAX buffers go into one ``sendmsg`` call. Returns the bytes sent. On a
-    socket, no progress for ``stall_timeout`` seconds raises `SendStalled` (None: no limit).
-    """
-    return send_views(sock, [mv for mv in (memoryview(b).cast("B") for b in buffers)
-                             if len(mv)], stall_timeout)
-
-
-def send_views(sock: _Writable, views: list[memoryview],
-               stall_timeout: float | None = SEND_STALL_TIMEOUT_S) -> int:
-    """`sendmsg_all` of non-empty 1-D byte memoryviews (consumed: pass a fresh list),
-    for callers that hold them already (the multifd channels, once per batch)."""
-    total = 0
-    i = 0
-    count = len(views)
-    while i < count:
-        batch = views[i : i + IOV_MAX]
-        sent = _send_batch(sock, batch, stall_timeout)
-        total += sent
-        # Advance past fully-sent buffers, slice the partly-sent one in place.
-        while sent:
-            head = views[i]
-            if sent >= len(head):
-                sent -= len(head)
-                i += 1
-            else:
-                views[i] = head[sent:]
-                sent = 0
-    return total
