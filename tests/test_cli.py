@@ -137,3 +137,42 @@ def test_console_script_runs() -> None:
          "--version"], capture_output=True, text=True, timeout=30,
     )
     assert out.returncode == 0 and out.stdout.strip() == f"multifd {__version__}"
+
+
+@pytest.mark.parametrize("command", ["incoming", "migrate"])
+@pytest.mark.parametrize("value", ["256", "-1", "1000", "two", "1.5"])
+def test_channels_out_of_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str,
+    value: str,
+) -> None:
+    """QEMU's multifd-channels is 1..255 (0 here: multifd off): anything else is refused
+    by argparse with the range, before the command runs."""
+    from multifd.commands import incoming, migrate
+
+    mod = incoming if command == "incoming" else migrate
+    monkeypatch.setattr(mod, "run", lambda args: pytest.fail("the command ran"))
+    args = (["incoming", "unix:/nowhere", "--save", "x.img"] if command == "incoming"
+            else ["migrate", "x.img", "unix:/nowhere"])
+    assert cli.main([*args, "--profile", "qemu-10", "--channels", value]) == 2
+    err = capsys.readouterr().err
+    assert "argument --channels" in err and "from 0 to 255" in err and repr(value) in err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "8", "9", "255"])
+def test_channels_in_range_reach_the_command(monkeypatch: pytest.MonkeyPatch,
+                                             value: str) -> None:
+    from multifd.commands import incoming
+
+    seen: list[int] = []
+    monkeypatch.setattr(incoming, "run", lambda args: seen.append(args.channels) or 0)
+    argv = ["incoming", "unix:/nowhere", "--save", "x.img", "--profile", "qemu-7.2",
+            "--channels", value]
+    assert cli.main(argv) == 0
+    assert seen == [int(value)]
+
+
+def test_channels_arg_minimum() -> None:
+    parse = cli.channels_arg()
+    assert parse("1") == 1 and parse("255") == 255
+    with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 255"):
+        parse("0")

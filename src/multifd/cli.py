@@ -14,12 +14,14 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from multifd import __version__
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "MAX_CHANNELS", "channels_arg", "main"]
+
+MAX_CHANNELS = 255  # QEMU's multifd-channels: 1..255
 
 # name -> one-line help (shown without importing the command modules)
 COMMANDS: dict[str, str] = {
@@ -33,6 +35,27 @@ COMMANDS: dict[str, str] = {
 
 class CommandUnavailable(Exception):
     pass
+
+
+def channels_arg(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse ``type`` for a channel count, so a bad one is a usage error (exit 2)
+    naming the range, not a failure deep in the command. ``minimum`` 0 means a command
+    where 0 switches multifd off."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 10)
+        except ValueError:
+            n = None
+        if n is None or not minimum <= n <= MAX_CHANNELS:
+            off = " (0 = multifd off)" if minimum == 0 else ""
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from {minimum} to {MAX_CHANNELS}{off}, as QEMU's "
+                f"multifd-channels (1..{MAX_CHANNELS}); got {text!r}")
+        return n
+
+    parse.__name__ = "channels"  # argparse names the type in some messages
+    return parse
 
 
 def _debug() -> bool:

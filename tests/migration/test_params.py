@@ -10,6 +10,7 @@ from multifd.migration.params import (
     MigrationParameters,
     ParameterError,
 )
+from multifd.migration.profile import QEMU_7_2, QEMU_10
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,6 +143,61 @@ def test_copy_is_independent() -> None:
     q = p.copy()
     q.set({"multifd-channels": 9})
     assert p.multifd_channels == 2 and q.multifd_channels == 9
+
+
+# -- zero-page-detection and the profile --------------------------------------------------
+
+
+def test_zero_page_detection_default_follows_a_bound_profile() -> None:
+    assert MigrationParameters(profile=QEMU_10).zero_page_detection == "multifd"
+    p = MigrationParameters(profile="qemu-7.2")  # QEMU 7.2: always the migration thread
+    assert p.as_dict()["zero-page-detection"] == "legacy"
+    assert p.profile is QEMU_7_2
+    for mode in ("none", "legacy"):
+        p.set({"zero-page-detection": mode})
+        assert p.zero_page_detection == mode
+
+
+def test_zero_page_detection_multifd_refused_for_qemu72() -> None:
+    p = MigrationParameters(profile=QEMU_7_2)
+    with pytest.raises(ParameterError) as info:
+        p.set({"zero-page-detection": "multifd", "multifd-channels": 4})
+    assert info.value.kind == "range"
+    assert "'zero-page-detection' does not accept value 'multifd'" in info.value.desc
+    assert "qemu-7.2" in info.value.desc
+    assert p.zero_page_detection == "legacy" and p.multifd_channels == 2  # nothing applied
+    with pytest.raises(ParameterError, match=r"qemu-7\.2"):
+        MigrationParameters(profile=QEMU_7_2, zero_page_detection="multifd")
+
+
+def test_bind_profile_keeps_explicit_values_and_refuses_impossible_ones() -> None:
+    p = MigrationParameters()
+    assert not p.explicit("zero-page-detection")
+    p.bind_profile(QEMU_7_2)  # untouched default: becomes 7.2's
+    assert p.zero_page_detection == "legacy"
+    p.bind_profile("qemu-10")
+    assert p.zero_page_detection == "multifd"
+    p.set({"zero-page-detection": "none"})
+    assert p.explicit("zero_page_detection")
+    p.bind_profile(QEMU_7_2)
+    assert p.zero_page_detection == "none"  # the user's choice stays
+    q = MigrationParameters(zero_page_detection="multifd")
+    with pytest.raises(ParameterError, match=r"qemu-7\.2"):
+        q.bind_profile(QEMU_7_2)
+    assert q.profile is None and q.zero_page_detection == "multifd"
+
+
+def test_effective_zero_page_detection_for_unbound_parameters() -> None:
+    p = MigrationParameters()
+    assert p.effective_zero_page_detection(QEMU_10) == "multifd"
+    assert p.effective_zero_page_detection(QEMU_7_2) == "legacy"
+    p.set({"zero-page-detection": "multifd"})  # explicit: not silently replaced
+    with pytest.raises(ParameterError, match=r"with profile qemu-7\.2"):
+        p.effective_zero_page_detection(QEMU_7_2)
+    copy = p.copy()
+    assert copy.explicit("zero-page-detection")
+    with pytest.raises(ParameterError):
+        copy.effective_zero_page_detection(QEMU_7_2)
 
 
 # -- capabilities -----------------------------------------------------------------------

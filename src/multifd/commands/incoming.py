@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from multifd.cli import channels_arg
 from multifd.migration.profile import PROFILES, get_profile
 from multifd.qemu.peer import DEFAULT_TIMEOUT_S, PeerError, parse_uuid, receive_from_qemu
 from multifd.transport.tls import TlsConfig, add_tls_arguments
@@ -27,9 +28,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES),
                         help="the QEMU peer's wire profile (qemu-7.2, or qemu-10 with a 10.x "
                              "machine type)")
-    parser.add_argument("--channels", type=int, default=0, metavar="N",
-                        help="multifd channels, as QEMU's multifd-channels (0 = multifd off, "
-                             "the default)")
+    parser.add_argument("--channels", type=channels_arg(minimum=0), default=0, metavar="N",
+                        help="multifd channels, as QEMU's multifd-channels: 1..255, or 0 = "
+                             "multifd off (the default)")
     parser.add_argument("--compression", default="none", choices=("none", "zlib", "zstd"),
                         help="multifd compression, as QEMU's multifd-compression")
     parser.add_argument("--uuid", default=None, help=UUID_HELP)

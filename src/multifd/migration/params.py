@@ -9,6 +9,13 @@ max-cpu-throttle ≥ cpu-throttle-initial), and only then applied. Errors carry 
 ``max-bandwidth`` keeps QEMU's meaning: the budget is max-bandwidth/10 bytes per 100 ms
 window, and a budget of 0 (max-bandwidth < 10, e.g. 0) switches the limit off
 (``RATE_LIMIT_DISABLED`` in QEMU's migration-stats.h).
+
+``zero-page-detection`` depends on the wire profile: QEMU 7.2 has no such parameter and
+always finds zero pages on the migration thread, and its packets have no zero-page list.
+Parameters bound to a profile (``profile=``, as the QMP layer does) default to ``legacy``
+for qemu-7.2 and refuse ``multifd`` there; unbound ones keep QEMU 10's default ``multifd``
+and ``effective_zero_page_detection`` resolves it per migration (an untouched default
+becomes ``legacy`` for qemu-7.2, an explicit ``multifd`` is refused).
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from multifd.migration.profile import Profile, get_profile
+
 __all__ = [
     "CAPABILITIES",
     "PARAMETERS",
     "SUPPORTED_CAPABILITIES",
+    "ZERO_PAGE_DETECTION",
     "MigrationCapabilities",
     "MigrationParameters",
     "ParameterError",
+    "effective_zero_page_detection",
 ]
 
 UINT64_MAX = (1 << 64) - 1
@@ -127,18 +138,73 @@ PARAMETERS: dict[str, _Spec] = {
 }
 
 
+ZERO_PAGE_DETECTION = "zero-page-detection"
+
+
 def _canonical(name: str) -> str:
     return name.replace("_", "-")
 
 
-class MigrationParameters:
-    """QEMU's MigrationParameters: ``get``/``set``/``as_dict``, attributes with underscores."""
+def _zero_page_default(profile: Profile | None) -> str:
+    """QEMU 10 finds zero pages in the channels; QEMU 7.2 only on the migration thread."""
+    return "multifd" if profile is None or profile.zero_pages_in_multifd else "legacy"
 
-    def __init__(self, **overrides: Any) -> None:
+
+def _multifd_zero_pages_refused(profile: Profile) -> ParameterError:
+    return ParameterError(
+        "range",
+        f"Parameter '{ZERO_PAGE_DETECTION}' does not accept value 'multifd' with profile "
+        f"{profile.name} (QEMU 7.2 finds zero pages on the migration thread and its "
+        "multifd packets carry no zero pages; expected one of: none, legacy)",
+    )
+
+
+class MigrationParameters:
+    """QEMU's MigrationParameters: ``get``/``set``/``as_dict``, attributes with underscores.
+
+    ``profile`` (a Profile or its name) binds the profile-dependent default and check of
+    zero-page-detection; see the module docstring.
+    """
+
+    def __init__(self, *, profile: Profile | str | None = None, **overrides: Any) -> None:
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_values", {n: s.default for n, s in PARAMETERS.items()})
+        object.__setattr__(self, "_explicit", frozenset())
+        object.__setattr__(self, "_profile", None)
+        if profile is not None:
+            self.bind_profile(profile)
         if overrides:
             self.set(overrides)
+
+    @property
+    def profile(self) -> Profile | None:
+        """The profile the defaults and checks follow (None: QEMU 10's, unchecked)."""
+        return self._profile
+
+    def bind_profile(self, profile: Profile | str) -> None:
+        """Follow `profile` from now on: an untouched zero-page-detection takes its
+        default; a value the profile cannot speak raises ParameterError (nothing changes)."""
+        prof = get_profile(profile) if isinstance(profile, str) else profile
+        with self._lock:
+            values = dict(self._values)
+            if ZERO_PAGE_DETECTION not in self._explicit:
+                values[ZERO_PAGE_DETECTION] = _zero_page_default(prof)
+            _check_profile(values, prof)
+            object.__setattr__(self, "_values", values)
+            object.__setattr__(self, "_profile", prof)
+
+    def effective_zero_page_detection(self, profile: Profile) -> str:
+        """The zero-page-detection mode a migration speaking `profile` uses (see the
+        module function of that name); raises ParameterError for one it cannot."""
+        return effective_zero_page_detection(self, profile)
+
+    def explicit(self, name: str) -> bool:
+        """True once `name` was set (constructor or ``set``), even to its default."""
+        key = _canonical(name)
+        if key not in PARAMETERS:
+            raise ParameterError("unknown", f"Parameter '{name}' is unexpected")
+        with self._lock:
+            return key in self._explicit
 
     def get(self, name: str) -> Any:
         key = _canonical(name)
@@ -173,7 +239,11 @@ class MigrationParameters:
                     raise ParameterError("unknown", f"Parameter '{name}' is unexpected")
                 merged[key] = spec.check(value)
             _check_merged(merged)
+            if self._profile is not None:
+                _check_profile(merged, self._profile)
             object.__setattr__(self, "_values", merged)
+            object.__setattr__(self, "_explicit",
+                               self._explicit | {_canonical(n) for n in changes})
 
     def as_dict(self) -> dict[str, Any]:
         """The ``query-migrate-parameters`` shape (dashed names)."""
@@ -182,7 +252,10 @@ class MigrationParameters:
 
     def copy(self) -> MigrationParameters:
         new = MigrationParameters()
-        object.__setattr__(new, "_values", self.as_dict())
+        with self._lock:
+            object.__setattr__(new, "_values", dict(self._values))
+            object.__setattr__(new, "_explicit", self._explicit)
+            object.__setattr__(new, "_profile", self._profile)
         return new
 
     def __repr__(self) -> str:
@@ -204,6 +277,27 @@ def _check_merged(values: dict[str, Any]) -> None:
             "Parameter 'xbzrle-cache-size' expects a power of two no less than the target "
             "page size",
         )
+
+
+def _check_profile(values: dict[str, Any], profile: Profile) -> None:
+    """What the wire profile cannot speak: in-channel zero pages without their list."""
+    if values[ZERO_PAGE_DETECTION] == "multifd" and not profile.zero_pages_in_multifd:
+        raise _multifd_zero_pages_refused(profile)
+
+
+def effective_zero_page_detection(params: MigrationParameters, profile: Profile) -> str:
+    """The zero-page-detection mode a migration speaking `profile` uses.
+
+    QEMU 10's default ``multifd`` left untouched becomes ``legacy`` for a profile without
+    in-channel zero pages (QEMU 7.2 always detects on the migration thread); an explicit
+    ``multifd`` there raises ParameterError rather than silently doing something else.
+    """
+    mode = str(params.get(ZERO_PAGE_DETECTION))
+    if mode == "multifd" and not profile.zero_pages_in_multifd:
+        if params.explicit(ZERO_PAGE_DETECTION):
+            raise _multifd_zero_pages_refused(profile)
+        return "legacy"
+    return mode
 
 
 # QEMU 10 capability list (qemu-reference.md §7.4), in QAPI order.

@@ -12,10 +12,12 @@ is applied in order: the barrier runs at each RAM EOS (qemu-7.2) or MULTIFD_FLUS
 
 Migrate: main first, then the channels (each writes MultiFDInit_t), header and
 configuration from the image, ram START (block list, setup SYNCs, [FLUSH] EOS), one PART
-with every page (qemu-7.2: zero pages as ZERO records on the main stream, normal pages in
-128-page packets, SYNC + EOS; qemu-10: all pages in packets, zero pages as offsets, SYNC +
-FLUSH + EOS), [SWITCHOVER_START], END, the device tail verbatim; then wait for the
-destination to close the main channel (it does once it has loaded everything).
+with every page (normal pages in 128-page packets; zero pages as QEMU's
+zero-page-detection says: `legacy`, qemu-7.2's only way, as ZERO records on the main
+stream; `multifd`, qemu-10's default, not at all, see `_send_block`; `none` as normal
+pages; then SYNC + EOS, or SYNC + FLUSH + EOS for qemu-10), [SWITCHOVER_START], END, the
+device tail verbatim; then wait for the destination to close the main channel (it does
+once it has loaded everything).
 
 UUID rule (QEMU compares the init packet's uuid with its own `-uuid`, zeros without one):
 the explicit `uuid` argument, else the configuration's uuid subsection when the stream
@@ -82,6 +84,7 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 60.0
 RECV_CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zlib", "zstd")
+ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
 
 
 class PeerError(Exception):
@@ -144,6 +147,26 @@ def _check_options(channels: int, compression: str) -> None:
         raise PeerError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
     if channels == 0 and compression != "none":
         raise PeerError("--compression needs multifd (--channels >= 1)")
+
+
+def _zero_page_mode(profile: Profile, channels: int, mode: str | None) -> str:
+    """QEMU's zero-page-detection for a migration to QEMU; None: the profile's default.
+
+    It decides how the multifd path sends zero pages; with multifd off the image's own
+    records go out as recorded, so an explicit mode there would do nothing: refused.
+    """
+    if mode is None:
+        return "multifd" if profile.zero_pages_in_multifd else "legacy"
+    if mode not in ZERO_PAGE_DETECTION:
+        raise PeerError(f"zero-page-detection must be one of {', '.join(ZERO_PAGE_DETECTION)}"
+                        f", not {mode!r}")
+    if mode == "multifd" and not profile.zero_pages_in_multifd:
+        raise PeerError(f"zero-page-detection multifd is not possible with profile "
+                        f"{profile.name} (its packets carry no zero pages): use legacy or none")
+    if not channels:
+        raise PeerError("zero-page-detection needs multifd (--channels >= 1): with multifd "
+                        "off the image's records are sent as recorded")
+    return mode
 
 
 def _uuid_text(u: bytes) -> str:
@@ -329,13 +352,14 @@ class _Outgoing:
     """One outgoing migration to QEMU (see migrate_to_qemu)."""
 
     def __init__(self, image: VmImage, profile: Profile, channels: int, compression: str,
-                 uuid: bytes, timeout: float) -> None:
+                 uuid: bytes, timeout: float, zero_page_detection: str = "") -> None:
         self.image = image
         self.profile = profile
         self.n = channels
         self.compression = compression
         self.uuid = uuid
         self.timeout = timeout
+        self.zero_mode = zero_page_detection or _zero_page_mode(profile, channels, None)
         self.sock: socket.socket | None = None
         self.stream: Any = None
         self.sender: Sender | None = None
@@ -355,7 +379,7 @@ class _Outgoing:
                     self.sock, chans = connect_channels(addr, self.n, self.profile.name,
                                                         self.timeout)
                 # No zero-page detection in the channels: _send_block has scanned the
-                # image (which does not change) and queues only pages with data.
+                # image (which does not change) and queues only pages to send with data.
                 self.sender = Sender(chans, uuid=self.uuid, layout=self.profile.layout,
                                      compression=self.compression)
                 self.sender.start()
@@ -406,25 +430,28 @@ class _Outgoing:
         main.flush()
 
     def _send_block(self, block: RamBlock, used: int) -> None:
-        """Every page of `block` once: zero pages as ZERO records (7.2) or not at all
-        (qemu-10), the others in packets. Scanned a window at a time, so the channels
-        start at once and the scan overlaps their sending (a whole 2 GiB block takes
-        ~70 ms to scan)."""
+        """Every page of `block` once: zero pages as ZERO records (legacy), not at all
+        (multifd) or as normal pages (none), the others in packets. Scanned a window at a
+        time, so the channels start at once and the scan overlaps their sending (a whole
+        2 GiB block takes ~70 ms to scan)."""
         assert self.sender is not None and self.main is not None
         npages = used // block.page_size
         ps = np.uint64(block.page_size)
         batch = page_count(block.page_size)
         slot = self.sender.new_slot()
         named = False
+        mode = self.zero_mode
         for start in range(0, npages, SCAN_WINDOW_PAGES):
             idx = np.arange(start, min(start + SCAN_WINDOW_PAGES, npages), dtype=np.int64)
-            zero = block.zero_pages(idx)
+            # none: no page is looked at, every one goes with its data
+            zero = (np.zeros(idx.size, dtype=bool) if mode == "none"
+                    else block.zero_pages(idx))
             nz = int(np.count_nonzero(zero))
             self.zero += nz
-            # qemu-10: a QEMU >= 9.0 destination ignores a zero page it has never received
+            # multifd: a QEMU >= 9.0 destination ignores a zero page it has never received
             # (multifd_recv_zero_page_process only marks it received), and an image goes
             # out in one pass: every zero page would be such a page, so none is sent.
-            if nz and not self.profile.zero_pages_in_multifd:
+            if nz and mode == "legacy":
                 self.main.write(encode_zero_run(block.name, idx[zero].astype(np.uint64) * ps,
                                                 first_continues=named))
                 named = True
@@ -492,17 +519,21 @@ def migrate_to_qemu(
     uuid: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     tls: TlsConfig | None = None,
+    zero_page_detection: str | None = None,
 ) -> TransferStats:
     """Be the source towards a QEMU destination listening on `uri`; send `image`.
 
     `channels`/`compression` must match the destination's multifd settings and the UUID
-    (explicit, else the image's configuration uuid, else zeros) its `-uuid`. Returns once
-    the destination has closed the main channel. Raises PeerError.
+    (explicit, else the image's configuration uuid, else zeros) its `-uuid`.
+    `zero_page_detection` is QEMU's parameter for the multifd path (None: the profile's
+    default, multifd for qemu-10 and legacy for qemu-7.2, which refuses multifd). Returns
+    once the destination has closed the main channel. Raises PeerError.
     """
     _check_options(channels, compression)
+    zero_mode = _zero_page_mode(profile, channels, zero_page_detection)
     want = resolve_uuid(uuid, image.uuid)
     t0 = time.monotonic()
-    out = _Outgoing(image, profile, channels, compression, want, timeout)
+    out = _Outgoing(image, profile, channels, compression, want, timeout, zero_mode)
     out.tls = tls  # type: ignore[attr-defined]
     hint = (f" (check the destination's multifd-channels = {channels}, "
             f"multifd-compression = {compression}, -uuid = {_uuid_text(want)}, "

@@ -4,7 +4,9 @@ Command names, argument shapes and error texts follow QEMU 7.2 (qemu-reference.m
 ``migrate`` accepts ``blk``/``inc``/``detach``/``resume``; a migration is refused while one
 runs ("There's a migration process in progress"), as is changing capabilities; parameters
 that only take effect at setup (multifd channels and compression, TLS, ...) cannot change
-during a migration; ``max-bandwidth`` and ``downtime-limit`` apply live as in QEMU.
+during a migration; ``max-bandwidth`` and ``downtime-limit`` apply live as in QEMU. The
+parameters follow the machine's profile: ``zero-page-detection`` defaults to ``legacy``
+with qemu-7.2, which refuses ``multifd`` (GenericError naming the profile).
 
 Run state follows QEMU too: a completed source is ``postmigrate``; on a destination,
 ``stop``/``cont`` before the migration ends only change *autostart* (QEMU's ``-S``), and
@@ -75,7 +77,11 @@ class MachineCommands:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.incoming_defer = incoming_defer
         self.autostart = autostart
+        # Bound to the profile: zero-page-detection's default and the values refused
+        # (multifd with qemu-7.2) follow what this machine speaks, so
+        # migrate-set-parameters fails at once rather than the migration later.
         self.params = params if params is not None else MigrationParameters()
+        self.params.bind_profile(self.profile)
         self.caps = caps if caps is not None else MigrationCapabilities()
         self.uuid = uuid
         self.machine_type = machine_type
