@@ -58,7 +58,7 @@ def test_pass_over_several_stretches_sends_each_page_once(
                        sender)  # type: ignore[arg-type]
     h.save_setup()
     calls = 1
-    while not h.iterate():
+    while not h.walk():
         calls += 1
     # Fresh destination: only the data pages travel, once each, in address order.
     assert sender.pages == first.tolist()
@@ -72,7 +72,7 @@ def test_pass_over_several_stretches_sends_each_page_once(
         block.write(p * PS, b"\x02" * PS)
     sender.pages.clear()
     h.bitmap_sync()
-    while not h.iterate():
+    while not h.walk():
         pass
     assert sorted(sender.pages) == again.tolist()
     assert len(sender.pages) == len(set(sender.pages))

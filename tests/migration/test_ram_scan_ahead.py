@@ -66,7 +66,7 @@ def _handler(profile: Profile, on_retry: Callable[[RamBlock], None]
 
 
 def _run_pass(h: RamSaveHandler) -> None:
-    while not h.iterate(final=True):
+    while not h.walk(final=True):
         pass
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
 from typing import Any
+
+from multifd.commands.demo_procs import demo_params, emit, read_events, start_child
 
 MiB = 1 << 20
 
@@ -69,35 +69,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri", help=argparse.SUPPRESS)
 
 
-def _params(args: argparse.Namespace) -> Any:
-    from multifd.migration.params import MigrationCapabilities, MigrationParameters
-    from multifd.transport.tls import tls_params
-
-    params = MigrationParameters()
-    params.set({
-        "multifd-channels": args.channels,
-        "multifd-compression": args.compression,
-        "downtime-limit": args.downtime_limit,
-        "max-bandwidth": args.max_bandwidth,
-        **tls_params(args),
-    })
-    caps = MigrationCapabilities()
-    caps.set([{"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
-    return params, caps
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 # -- child: destination ------------------------------------------------------------------
 def _destination(args: argparse.Namespace) -> int:
     from multifd.machine.demo import DemoWorkload, build_demo_machine
     from multifd.migration.destination import MigrationDestination
     from multifd.migration.profile import get_profile
 
-    params, caps = _params(args)
+    params, caps = demo_params(args)
     machine = build_demo_machine(args.ram, seed=args.seed, populate=False,
                                  device_state_size=args.device_state,
                                  device_state_via_multifd=args.device_state_via == "multifd")
@@ -105,7 +83,7 @@ def _destination(args: argparse.Namespace) -> int:
     dest = MigrationDestination(machine, params=params, caps=caps,
                                 profile=get_profile(args.profile))
     uri = dest.listen("tcp:127.0.0.1:0")
-    _emit({"event": "listening", "uri": uri})
+    emit({"event": "listening", "uri": uri})
     status = dest.wait()
     result: dict[str, Any] = {"event": "result", "status": str(status), "error": dest.error,
                               "resume_wall": dest.resume_wall, "query": dest.query(),
@@ -114,7 +92,7 @@ def _destination(args: argparse.Namespace) -> int:
         DemoWorkload(machine).run_to_completion()
         result["checksum"] = machine.checksum()
         result["step"] = machine.device("cpu").step  # type: ignore[attr-defined]
-    _emit(result)
+    emit(result)
     machine.close()
     return 0 if str(status) == "completed" else 1
 
@@ -125,7 +103,7 @@ def _source(args: argparse.Namespace) -> int:
     from multifd.migration.profile import get_profile
     from multifd.migration.source import MigrationSource
 
-    params, caps = _params(args)
+    params, caps = demo_params(args)
     machine = build_demo_machine(args.ram, seed=args.seed, total_steps=args.steps,
                                  device_state_size=args.device_state,
                                  device_state_via_multifd=args.device_state_via == "multifd")
@@ -138,52 +116,19 @@ def _source(args: argparse.Namespace) -> int:
     while True:
         st = src.wait(0.1)
         q = src.query()
-        _emit({"event": "progress", "query": q,
-               "dirty_rate_mib_s": args.dirty_rate, "step": machine.device("cpu").step})  # type: ignore[attr-defined]
+        emit({"event": "progress", "query": q,
+              "dirty_rate_mib_s": args.dirty_rate, "step": machine.device("cpu").step})  # type: ignore[attr-defined]
         if src.status.is_final():
             break
     workload.stop(timeout=10)
-    _emit({"event": "result", "status": str(st), "error": src.error, "query": src.query(),
-           "pause_wall": src.pause_wall, "downtime_ms": src.downtime_ms,
-           "channels": src.channel_stats(), **src.device_state_stats()})
+    emit({"event": "result", "status": str(st), "error": src.error, "query": src.query(),
+          "pause_wall": src.pause_wall, "downtime_ms": src.downtime_ms,
+          "channels": src.channel_stats(), **src.device_state_stats()})
     machine.close()
     return 0 if str(st) == "completed" else 1
 
 
 # -- parent --------------------------------------------------------------------------------
-def _child(args: argparse.Namespace, role: str, uri: str | None = None,
-           extra: list[str] | None = None, stdin: Any = None) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "multifd.commands.demo", "--role", role,
-           "--ram", str(args.ram), "--channels", str(args.channels),
-           "--compression", args.compression, "--profile", args.profile,
-           "--dirty-rate", str(args.dirty_rate), "--downtime-limit", str(args.downtime_limit),
-           "--max-bandwidth", str(args.max_bandwidth), "--steps", str(args.steps),
-           "--seed", str(args.seed), "--device-state-via", args.device_state_via]
-    if args.device_state:  # parse_size refuses 0 (the default: no device)
-        cmd += ["--device-state", str(args.device_state)]
-    if uri:
-        cmd += ["--uri", uri]
-    from multifd.transport.tls import tls_argv
-
-    cmd += tls_argv(args)
-    cmd += extra or []
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin, text=True,
-                            env=os.environ.copy())
-
-
-def _read_events(proc: subprocess.Popen[str], sink: list[dict[str, Any]],
-                 on_line: Any = None) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        sink.append(obj)
-        if on_line is not None:
-            on_line(obj)
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -214,10 +159,10 @@ def _parent(args: argparse.Namespace) -> int:
     if not 1 <= args.channels <= 255:
         print("error: --channels must be 1..255", file=sys.stderr)
         return 1
-    dst = _child(args, "destination")
+    dst = start_child(args, "destination")
     dst_events: list[dict[str, Any]] = []
     listening = threading.Event()
-    t_dst = threading.Thread(target=_read_events, args=(
+    t_dst = threading.Thread(target=read_events, args=(
         dst, dst_events, lambda o: listening.set() if o.get("event") == "listening" else None),
         daemon=True)
     t_dst.start()
@@ -227,10 +172,10 @@ def _parent(args: argparse.Namespace) -> int:
         return 1
     uri = next(e["uri"] for e in dst_events if e.get("event") == "listening")
     t0 = time.monotonic()
-    src = _child(args, "source", uri)
+    src = start_child(args, "source", uri)
     src_events: list[dict[str, Any]] = []
     progress = None if args.json else _Progress()
-    _read_events(src, src_events, progress.update if progress else None)
+    read_events(src, src_events, progress.update if progress else None)
     src.wait()
     if progress:
         progress.stop()
@@ -280,7 +225,10 @@ def _report(args: argparse.Namespace, s: dict[str, Any], d: dict[str, Any],
         "channel_stats": s.get("channels", []),
         "device_state_size": args.device_state,
         "device_state_via": args.device_state_via,
+        **_device_state_path(args),
         "device_state_bytes": s.get("device_state_bytes", 0),
+        "device_state_multifd_bytes": s.get("device_state_multifd_bytes", 0),
+        "device_state_main_bytes": s.get("device_state_main_bytes", 0),
         "device_state_buffers": s.get("device_state_buffers", 0),
         "switchover_ms": downtime_ms,  # source pause -> destination resume
         "channel_bytes": [
@@ -292,6 +240,19 @@ def _report(args: argparse.Namespace, s: dict[str, Any], d: dict[str, Any],
         "checksum_destination": d.get("checksum"),
         "wall_ms": round(wall_ms, 1),
     }
+
+
+def _device_state_path(args: argparse.Namespace) -> dict[str, Any]:
+    """The path device state took: the one asked for, unless the profile or compression
+    forces the main stream (then the reason is reported)."""
+    from multifd.migration.device_state import multifd_device_state_refusal
+    from multifd.migration.profile import get_profile
+
+    why = None
+    if args.device_state_via == "multifd":
+        why = multifd_device_state_refusal(get_profile(args.profile), True, args.compression)
+    return {"device_state_path": "main" if why or args.device_state_via == "main" else "multifd",
+            "device_state_path_forced_by": why}
 
 
 def _both_errors(src: str | None, dst: str | None) -> str | None:
@@ -326,10 +287,13 @@ def _print_report(r: dict[str, Any]) -> None:
     ]
     if r.get("device_state_size"):
         rows[-1:-1] = [
-            ("device state (via)", f"{_human(r['device_state_size'])} "
-                                   f"({r['device_state_via']})"),
-            ("device state over multifd", f"{_human(r['device_state_bytes'])} in "
-                                          f"{r['device_state_buffers']} buffers"),
+            ("device state (path)", f"{_human(r['device_state_size'])} "
+                                    f"({r['device_state_path']}"
+                                    + (f": {r['device_state_path_forced_by']})"
+                                       if r.get("device_state_path_forced_by") else ")")),
+            ("device state sent: multifd / main stream",
+             f"{_human(r['device_state_multifd_bytes'])} in {r['device_state_buffers']} "
+             f"buffers / {_human(r['device_state_main_bytes'])}"),
             ("switchover (pause to resume)", f"{r['switchover_ms']} ms"),
         ]
     for c in r.get("channel_bytes", []):

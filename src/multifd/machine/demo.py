@@ -322,7 +322,7 @@ class BigStateDevice(Device):
         self.queue.abort()
 
     def load_progress(self) -> str | None:
-        return None if self.queue.complete else f"next idx {self.queue.next_index} never arrived"
+        return self.queue.missing()
 
     def load_state_job(self, abort: threading.Event) -> None:
         for _idx, data, config in self.queue.drain(abort):

@@ -110,7 +110,8 @@ class Device(abc.ABC):
         return None
 
     def load_progress(self) -> str | None:
-        """What is still missing, for an error message (None: nothing known missing)."""
+        """What has not arrived, for an error message (None: nothing known missing; the
+        destination then waits for the load job instead of failing)."""
         return None
 
     # -- verification ----------------------------------------------------------------------
@@ -273,6 +274,20 @@ class StateBufferQueue:
             self._aborted = False
             self.peak_pending_bytes = 0
             self._cond.notify_all()
+
+    def missing(self) -> str | None:
+        """The first buffer that has not arrived (None: every one up to CONFIG_STATE is
+        applied or held, so the load job only has work left, nothing to wait for)."""
+        with self._cond:
+            if self._aborted:
+                return "load aborted"
+            if self._config_idx is None:
+                return (f"CONFIG_STATE buffer never arrived ({self._next} applied, "
+                        f"{len(self._pending)} held)")
+            for i in range(self._next, self._config_idx + 1):
+                if i not in self._pending:
+                    return f"buffer idx={i} never arrived (final idx={self._config_idx})"
+        return None
 
     def check_complete(self) -> None:
         """Raise DeviceStateError unless every buffer up to CONFIG_STATE was applied."""

@@ -28,13 +28,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from multifd.machine.device import Device
 from multifd.machine.machine import Machine
 from multifd.machine.ramblock import received_maps
-from multifd.migration.device_state import DeviceStateLoader, multifd_device_state_supported
+from multifd.migration.device_state import (
+    DEVICE_LOAD_TIMEOUT_S,
+    DeviceStateLoader,
+    DeviceStateLoadHandler,
+    device_state_totals,
+    multifd_device_state_supported,
+)
+from multifd.migration.handlers import LoadHandler, LoadHandlers
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
-from multifd.migration.sections import GLOBALSTATE_BODY, GLOBALSTATE_IDSTR, decode_globalstate
+from multifd.migration.ram import RamLoadHandler
+from multifd.migration.sections import (
+    GLOBALSTATE_BODY,
+    GLOBALSTATE_IDSTR,
+    DeviceLoadHandler,
+    GlobalStateLoadHandler,
+)
 from multifd.migration.stats import MigrationStats, query_migrate, sum_channel_stats
 from multifd.migration.status import MigrationStatus, StatusMachine
 from multifd.multifd.receiver import Receiver
@@ -45,16 +57,8 @@ from multifd.transport.tls import TlsConfig, TlsError, accept_tls, accept_tls_ch
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri, supports_multifd
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import Command, SectionType
-from multifd.wire.errors import BadName, Mismatch, Truncated, WireError
-from multifd.wire.ram import (
-    RamEos,
-    RamMemSize,
-    RamMultifdFlush,
-    RamPage,
-    RamSettings,
-    RamZero,
-    RamZeroRun,
-)
+from multifd.wire.errors import Mismatch, Truncated, WireError
+from multifd.wire.ram import RamRecord, RamSettings
 from multifd.wire.stream import (
     LENGTH_PREFIXED,
     CommandRecord,
@@ -93,6 +97,7 @@ class MigrationDestination:
         accept_timeout: float = ACCEPT_TIMEOUT_S,
         fresh_ram: bool = True,
         autostart: Callable[[], bool] | bool = True,
+        device_load_timeout: float = DEVICE_LOAD_TIMEOUT_S,
     ) -> None:
         self.fresh_ram = fresh_ram
         # Pages written by this migration (fresh RAM only), main stream and channels alike.
@@ -110,7 +115,6 @@ class MigrationDestination:
         self.status = StatusMachine()
         self.stats = MigrationStats()
         self.error: str | None = None
-        self.source_runstate: str | None = None
         self.t_start = 0.0
         self.t_end = 0.0
         self.resume_wall = 0.0  # time.time() when the machine resumed
@@ -119,16 +123,26 @@ class MigrationDestination:
         self._thread: threading.Thread | None = None
         self._main: Any = None
         self._cancelled = threading.Event()
-        self._devices: dict[tuple[str, int], Device] = {
-            (d.idstr, d.instance_id): d for d in machine.devices
-        }
-        self._section_dev: dict[int, Device] = {}
         self._devstate = DeviceStateLoader(
             machine.devices,
             enabled=multifd_device_state_supported(
                 profile, bool(self.caps.get("multifd")), self.params.multifd_compression),
             on_error=self._shutdown,
+            load_timeout=device_load_timeout,
         )
+        # Every section kind is a load handler (RAM, devices, device state, globalstate).
+        self._handlers = LoadHandlers()
+        self._ram = RamLoadHandler(machine, profile, self._received, self._multifd_sync)
+        self._handlers.register(self._ram)
+        for dev in machine.devices:
+            if dev in self._devstate.expected:
+                self._handlers.register(
+                    DeviceStateLoadHandler(dev, self._devstate, self._channels_done))
+            else:
+                self._handlers.register(DeviceLoadHandler(dev))
+        self._globalstate = GlobalStateLoadHandler()
+        self._handlers.register(self._globalstate)
+        self._current: tuple[LoadHandler, SectionType, int] | None = None
 
     # -- public ---------------------------------------------------------------------------
     def listen(self, uri: str) -> str:
@@ -167,8 +181,8 @@ class MigrationDestination:
         if self.receiver is not None:
             tot = sum_channel_stats(self.receiver.channel_stats().values())
             self.stats.set(
-                normal=tot.get("normal_pages", 0) + self._main_normal,
-                duplicate=tot.get("zero_pages", 0) + self._main_zero,
+                normal=tot.get("normal_pages", 0) + self._ram.normal,
+                duplicate=tot.get("zero_pages", 0) + self._ram.zero,
             )
         return query_migrate(
             self.status.status,
@@ -178,8 +192,10 @@ class MigrationDestination:
             role="destination",
         )
 
-    _main_normal = 0
-    _main_zero = 0
+    @property
+    def source_runstate(self) -> str | None:
+        """The source's run state from its globalstate section (None before it arrives)."""
+        return self._globalstate.runstate
 
     # -- the incoming thread --------------------------------------------------------------
     def _run(self, addr: Any) -> None:
@@ -212,6 +228,8 @@ class MigrationDestination:
             self._emit("MIGRATION", {"status": "failed"})
         finally:
             self._devstate.close()  # joins the load workers on every path
+            for h in self._handlers:
+                h.load_cleanup()
             if self._listener is not None:
                 self._listener.close()
             if self._main is not None:
@@ -245,7 +263,7 @@ class MigrationDestination:
                 compression=self.params.multifd_compression,
                 page_size=self._page_size(),
                 blocks=dict(self.machine.blocks),
-                device_state_sink=self._device_state_buffer,
+                device_state_sink=self._devstate.sink,
                 fresh_ram=self.fresh_ram,
                 received=self._received,
             )
@@ -284,6 +302,8 @@ class MigrationDestination:
         )
 
     def _load(self) -> None:
+        for h in self._handlers:
+            h.load_setup()
         dec = self._decoder()
         buf = bytearray(RECV_CHUNK)
         view = memoryview(buf)
@@ -314,39 +334,21 @@ class MigrationDestination:
                 break
 
     def _apply(self, rec: Any) -> bool:
-        """Apply one record; True once the stream is complete (EOF seen, vmdesc optional)."""
-        blocks = self.machine.blocks
-        received = self._received
-        if isinstance(rec, RamZero):
-            blk = blocks[rec.block]
-            blk.pages[rec.offset // blk.page_size] = rec.fill
-            if received:
-                received[rec.block][rec.offset // blk.page_size] = True
-            self._main_zero += 1
-        elif isinstance(rec, RamZeroRun):
-            blk = blocks[rec.block]
-            # Untouched pages stay untouched.
-            blk.zero_out(rec.offsets // blk.page_size, received.get(rec.block))
-            self._main_zero += int(rec.offsets.size)
-        elif isinstance(rec, RamPage):
-            blk = blocks[rec.block]
-            blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
-            if received:
-                received[rec.block][rec.offset // blk.page_size] = True
-            self._main_normal += 1
-        elif isinstance(rec, RamEos):
-            if self.receiver is not None and self.profile.sync_per_section:
-                self.receiver.sync_main(check=self._check_main_alive)
-        elif isinstance(rec, RamMultifdFlush):
-            if self.receiver is None:
-                raise Mismatch("MULTIFD_FLUSH on a stream without multifd channels")
-            self.receiver.sync_main(check=self._check_main_alive)
-        elif isinstance(rec, RamMemSize):
-            self._check_blocks(rec)
-        elif isinstance(rec, SectionHeader):
-            self._section(rec)
-        elif isinstance(rec, SectionBody):
-            self._body(rec)
+        """Apply one record; True once the stream is complete (EOF seen, vmdesc optional).
+        Section bodies and RAM records go to the handler their section header named."""
+        if isinstance(rec, SectionHeader):
+            if rec.type in (SectionType.START, SectionType.FULL):
+                h = self._handlers.open_section(rec.section_id, rec.idstr, rec.instance_id,
+                                                rec.version_id)
+                version = rec.version_id
+            else:
+                h, version = self._handlers.section(rec.section_id)
+            self._current = (h, rec.type, version)
+        elif isinstance(rec, SectionBody | RamRecord):
+            if self._current is None:
+                raise Mismatch(f"{type(rec).__name__} outside a section")
+            h, kind, version = self._current
+            h.load_state(kind, version, rec.data if isinstance(rec, SectionBody) else rec)
         elif isinstance(rec, Configuration):
             if rec.machine != self.machine_type:
                 raise Mismatch(
@@ -355,88 +357,36 @@ class MigrationDestination:
                 )
         elif isinstance(rec, CommandRecord):
             if rec.cmd == Command.SWITCHOVER_START:
-                self._switchover_start()
+                for h in self._handlers:
+                    h.switchover_start()
         elif isinstance(rec, EndOfStream):
-            self._finish_devices()
+            for h in self._handlers:  # every load is over before the machine may run
+                h.load_finish()
             return True
         elif isinstance(rec, VmDescription):
             return True
         return False
 
-    def _check_blocks(self, rec: RamMemSize) -> None:
-        blocks = self.machine.blocks
-        for info in rec.blocks:
-            blk = blocks.get(info.name)
-            if blk is None:
-                raise BadName("unknown RAM block", field="block", value=info.name)
-            if blk.used_length != info.used_length:
-                raise Mismatch(
-                    f"RAM block {info.name!r} is {info.used_length} bytes on the source and "
-                    f"{blk.used_length} here"
-                )
-
-    def _section(self, hdr: SectionHeader) -> None:
-        self._current = hdr
-        if hdr.type in (SectionType.START, SectionType.FULL):
-            if hdr.idstr in ("ram", GLOBALSTATE_IDSTR):
-                return
-            dev = self._devices.get((hdr.idstr, hdr.instance_id))
-            if dev is None:
-                raise BadName("unknown device section", field="idstr",
-                              value=f"{hdr.idstr}/{hdr.instance_id}")
-            if hdr.version_id > dev.version_id:
-                raise Mismatch(
-                    f"section {hdr.idstr} version {hdr.version_id} is newer than ours "
-                    f"({dev.version_id})"
-                )
-            self._section_dev[hdr.section_id] = dev
-            self._current_kind = hdr.type
-        else:
-            self._current_kind = hdr.type
-
-    def _body(self, rec: SectionBody) -> None:
-        hdr = self._current
-        if hdr.type == SectionType.FULL and hdr.idstr == GLOBALSTATE_IDSTR:
-            self.source_runstate = decode_globalstate(rec.data)
+    def _multifd_sync(self, required: bool) -> None:
+        """The RAM handler's marker: wait until every channel reached its SYNC."""
+        if self.receiver is None:
+            if required:
+                raise Mismatch("MULTIFD_FLUSH on a stream without multifd channels")
             return
-        dev = self._section_dev.get(hdr.section_id)
-        if dev is None:
-            raise Mismatch("section body for an unknown section", field="section_id",
-                           value=hdr.section_id)
-        kind = hdr.type
-        if kind == SectionType.FULL:
-            dev.load_state(rec.data, hdr.version_id)
-        elif kind == SectionType.START:
-            dev.load_setup(rec.data)
-            self._devstate.setup_loaded(dev)
-        else:
-            dev.load_iterate(rec.data)
+        self.receiver.sync_main(check=self._check_main_alive)
 
-    def _device_state_buffer(self, idstr: str, instance_id: int, data: bytearray) -> None:
-        self._devstate.sink(idstr, instance_id, data)
-
-    def _switchover_start(self) -> None:
-        """MIG_CMD_SWITCHOVER_START: the point where device load jobs may begin."""
-        self._devstate.switchover_start()
-
-    def _finish_devices(self) -> None:
-        """After EOF: every device load has finished before the machine may run."""
+    def _channels_done(self) -> bool:
+        """The source closed every channel: no more device-state buffers can come."""
         rcv = self.receiver
-
-        def channels_done() -> bool:  # source closed every channel: nothing more comes
-            if rcv is None:
-                return True
-            if rcv.error is not None:
-                raise rcv.error
-            return rcv.channels_ended()
-
-        self._devstate.finish(channels_done)
+        if rcv is None:
+            return True
+        if rcv.error is not None:
+            raise rcv.error
+        return rcv.channels_ended()
 
     def device_state_stats(self) -> dict[str, int]:
-        """Device state received as multifd buffers (bytes without headers, buffers)."""
-        st = self._devstate.stats.values()
-        return {"device_state_bytes": sum(s.bytes for s in st),
-                "device_state_buffers": sum(s.buffers for s in st)}
+        """Device state received (see `device_state_totals`)."""
+        return device_state_totals(self._handlers.stats())
 
     # -- helpers --------------------------------------------------------------------------
     def _set_status(self, st: MigrationStatus) -> None:

@@ -3,45 +3,51 @@
 QEMU's design (qemu-reference.md 5.2-5.4, `multifd-device-state.c`, VFIO's
 `migration-multifd.c`) in Python form, plus the live phase QEMU deferred::
 
-    source (migration thread)        save pool "devsave-N"        channels / destination
-    -------------------------        ---------------------        ----------------------
-    START section (save_setup)                                    load_setup; load job
-    live loop: RAM PART + sync                                      starts (live device)
-      iterate_live() -- submit ---->  save_state_buffers(False)
-                     <-- wait ------  hdr(idx,0)+buf -> Sender --> sink -> load_state_buffer
+    migration thread (handlers)      engine pool "devsave-N"      channels / destination
+    ---------------------------      -----------------------      ----------------------
+    START section (setup)                                          load_setup; load job
+    each pass: RAM PART + sync,                                      starts (live device)
+      device iterate(False) -submit->  save_state_buffers(False)
+      (returns at once: RAM goes on)   hdr(idx,0)+buf -> Sender -->  sink -> load_state_buffer
     pause; SWITCHOVER_START  ---------------------------------->   start remaining load jobs
     RAM END (its last SYNC)
-    start_final() -- immediate --->  save_state_buffers(True)       (any channel, any order)
-    device END (dummy) / FULL         last buf: CONFIG_STATE ----->  load job: idx order
-    wait() <------------------------ jobs joined
+    device iterate(True): live job
+      over -> final job -immediate->  save_state_buffers(True)       (any channel, any order)
+      END (dummy) / FULL section       last buf: CONFIG_STATE ----->  load job: idx order
+      ... done once the job is over
     globalstate, EOF, VMDESC ---------------------------------->   finish(): wait load jobs
                                                                    machine resumes after
 
 Each buffer is prefixed with the 12-byte `DeviceStateBufferHeader` (version 0, idx 0,1,2...
-continuing from the live phase into the switchover, CONFIG_STATE on the very last). Device
-jobs never run while RAM issues a multifd SYNC (live jobs are joined before the next RAM
-pass, final jobs start after RAM's END section): a buffer sent after a SYNC on one channel
-while a later index sits before the SYNC on another could otherwise stall the destination's
-back-pressure against its SYNC barrier.
+continuing from the live phase into the switchover, CONFIG_STATE on the very last).
+
+Live-phase jobs run while RAM issues its multifd SYNCs. `Sender.sync` holds the send lock
+until every channel has written its SYNC, so a producer's buffers never straddle a SYNC
+out of order (idx n after the SYNC on one channel, n+1 before it on another): such a gap
+could hold the destination's reorder back-pressure against its SYNC barrier.
 
 Destination: the sink (channel threads) decodes the header and hands the buffer to the
 device (unknown / non-multifd device, bad header = error that fails the migration). A live
 device's load job starts once its setup section is loaded (so live-phase buffers are applied
 as they come and the reorder queue's memory cap holds); every other one at SWITCHOVER_START.
+After EOF, `finish` waits for load jobs that have all their buffers (a slow device is not a
+failure, up to a timeout), and fails at once when a buffer is really missing.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from multifd.machine.device import Device, DeviceStateError
-from multifd.machine.workers import Aborted, WorkerError, WorkerPool
+from multifd.machine.workers import Aborted, Job, WorkerError, WorkerPool
+from multifd.migration.sections import DeviceLoadHandler, DeviceSaveHandler
 from multifd.multifd.device_state import DeviceStatePayload, DeviceStateSendOps
 from multifd.multifd.slots import SendChannelContext, register_send_ops
-from multifd.wire.constants import DEVICE_STATE_FLAG_CONFIG_STATE
+from multifd.wire.constants import DEVICE_STATE_FLAG_CONFIG_STATE, SectionType
 from multifd.wire.devstate import DeviceStateBufferHeader
 from multifd.wire.errors import WireError
 from multifd.wire.packet import encode_device_state_header
@@ -51,20 +57,47 @@ if TYPE_CHECKING:
     from multifd.multifd.slots import SendSlot
 
 __all__ = [
+    "DeviceStateLoadHandler",
     "DeviceStateLoader",
+    "DeviceStateProducer",
+    "DeviceStateSaveHandler",
     "DeviceStateSaver",
     "DeviceTransferStats",
+    "device_state_totals",
+    "multifd_device_state_refusal",
     "multifd_device_state_supported",
 ]
 
 _HDR = DeviceStateBufferHeader.SIZE
 _POLL_S = 0.05
+DEVICE_LOAD_TIMEOUT_S = 120.0  # after the last buffer arrived, for the load jobs to end
+
+
+def multifd_device_state_refusal(profile: Any, multifd: bool, compression: str) -> str | None:
+    """Why device state cannot travel over multifd here (None: it can). QEMU's
+    `multifd_device_state_supported()`: multifd on, compression none, and a profile that
+    has device-state packets (a 7.2 peer would misread flag 0x40)."""
+    if not multifd:
+        return "multifd is off"
+    if not profile.device_state_packets:
+        return f"the {profile.name} profile has no device-state packets"
+    if compression != "none":
+        return f"multifd compression is {compression} (device state needs none)"
+    return None
 
 
 def multifd_device_state_supported(profile: Any, multifd: bool, compression: str) -> bool:
-    """QEMU's `multifd_device_state_supported()`: multifd on, compression none, and a
-    profile that has device-state packets (a 7.2 peer would misread flag 0x40)."""
-    return bool(multifd and compression == "none" and profile.device_state_packets)
+    return multifd_device_state_refusal(profile, multifd, compression) is None
+
+
+def device_state_totals(stats: dict[str, int]) -> dict[str, int]:
+    """The report's device-state figures from merged handler stats: device data bytes (no
+    section or buffer headers) in all, over multifd, on the main stream; multifd buffers."""
+    mfd = stats.get("device_state_multifd_bytes", 0)
+    main = stats.get("device_state_main_bytes", 0)
+    return {"device_state_bytes": mfd + main, "device_state_multifd_bytes": mfd,
+            "device_state_main_bytes": main,
+            "device_state_buffers": stats.get("device_state_buffers", 0)}
 
 
 @dataclass
@@ -76,12 +109,6 @@ class DeviceTransferStats:
     live_buffers: int = 0
     next_idx: int = 0
     config_sent: bool = False
-
-
-@dataclass
-class _SaveState:
-    device: Device
-    stats: DeviceTransferStats = field(default_factory=DeviceTransferStats)
 
 
 class _Parts:
@@ -148,54 +175,178 @@ class _IndexedStateSendOps(DeviceStateSendOps):
 register_send_ops(_IndexedStateSendOps())
 
 
-class DeviceStateSaver:
-    """Source side: per-device save jobs on a WorkerPool feeding `Sender.send`.
+class DeviceStateProducer:
+    """One device's save jobs: its buffers, numbered 0, 1, 2... across the migration, go
+    into its own send slot and through `Sender.send` (several producers share the
+    channels with RAM). A job runs on a WorkerPool the engine owns; `send` blocking
+    while every channel slot is full is the back-pressure that bounds queued bytes."""
 
-    Every job owns its own send slot, so several devices (and RAM, from the migration
-    thread) queue packets at once; `Sender.send` is safe for several producers.
+    def __init__(self, device: Device, sender: Sender, pool: WorkerPool) -> None:
+        self.device = device
+        self.sender = sender
+        self.pool = pool
+        self.stats = DeviceTransferStats()
+        self._job: Job | None = None
+
+    def pending(self) -> int:
+        return 0 if self.stats.config_sent else self.device.pending()
+
+    def running(self) -> bool:
+        return self._job is not None and not self._job.done()
+
+    def start(self, final: bool) -> None:
+        """Live (``final=False``): a queued job; final (machine paused): its own thread now."""
+        if self.running():
+            raise DeviceStateError(f"device {self.device.idstr!r}: a save job is running")
+        kind = "save" if final else "save-live"
+        submit = self.pool.submit_immediate if final else self.pool.submit
+        self._job = submit(self._save, final, name=f"{kind}:{self.device.idstr}")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the last job finished; False on timeout; its failure raises."""
+        job = self._job
+        if job is None:
+            return True
+        try:
+            job.result(timeout)
+        except TimeoutError:
+            return False
+        except WorkerError as exc:
+            raise DeviceStateError(f"device state save failed: {exc}") from exc.cause
+        except Aborted:
+            raise DeviceStateError(
+                f"device state save of {self.device.idstr!r} aborted") from None
+        return True
+
+    def _save(self, final: bool) -> None:
+        dev, stats = self.device, self.stats
+        if stats.config_sent:
+            raise DeviceStateError(f"device {dev.idstr!r}: state saved after its final buffer")
+        slot = self.sender.new_slot()
+        prev: bytes | bytearray | memoryview | None = None
+        for buf in dev.save_state_buffers(final):
+            self.pool.check_abort()
+            if buffer_nbytes(buf) == 0:
+                raise DeviceStateError(f"device {dev.idstr!r} produced an empty state buffer")
+            if prev is not None:
+                slot = self._queue(slot, prev, config=False, live=not final)
+            prev = buf
+        if prev is None:
+            if final:
+                raise DeviceStateError(
+                    f"device {dev.idstr!r}: final save produced no buffer (the last one "
+                    "must carry CONFIG_STATE)")
+            return
+        self._queue(slot, prev, config=final, live=not final)
+        if final:
+            stats.config_sent = True
+
+    def _queue(
+        self, slot: SendSlot, buf: bytes | bytearray | memoryview, *, config: bool, live: bool,
+    ) -> SendSlot:
+        dev, stats = self.device, self.stats
+        n = buffer_nbytes(buf)
+        flags = DEVICE_STATE_FLAG_CONFIG_STATE if config else 0
+        hdr = DeviceStateBufferHeader(stats.next_idx, flags).encode()
+        slot.payload(IndexedStatePayload).fill_indexed(dev.idstr, dev.instance_id, hdr, buf)
+        slot = self.sender.send(slot)
+        stats.next_idx += 1
+        stats.buffers += 1
+        stats.bytes += n
+        if live:
+            stats.live_buffers += 1
+        return slot
+
+
+class DeviceStateSaveHandler(DeviceSaveHandler):
+    """A device whose bulk state travels as multifd device-state packets.
+
+    Live phase: ``iterate(False)`` starts a save job when the device has pending state and
+    none runs, and returns at once: device buffers and RAM batches share the channels
+    during a pass. Switchover: once a live job is over, the final job starts and the main
+    stream gets the device's END section (empty, like VFIO's) or, for a device that is not
+    live, its FULL section; ``iterate(True)`` is done when the final job has queued its
+    last (CONFIG_STATE) buffer.
     """
 
+    def __init__(self, device: Device, sender: Sender, pool: WorkerPool) -> None:
+        super().__init__(device)
+        self.producer = DeviceStateProducer(device, sender, pool)
+        self._final_started = False
+
+    def pending(self, exact: bool = False) -> tuple[int, int]:
+        return self.producer.pending(), 0
+
+    def iterate(self, final: bool) -> bool:
+        p = self.producer
+        if not final:
+            if p.running():
+                return False
+            if p.pending() == 0:
+                return True
+            p.start(final=False)
+            return False
+        if not self._final_started:
+            if not p.wait(_POLL_S):  # the live job must end first: indices stay in order
+                return False
+            p.start(final=True)
+            self._final_started = True
+            if self.live:
+                self._section(SectionType.END, b"")
+            else:
+                data = self.device.save_state()
+                self.full_size = 4 + len(data)
+                self._section(SectionType.FULL, data)
+        self.done = p.wait(_POLL_S)
+        return self.done
+
+    def stats(self) -> dict[str, int]:
+        st = self.producer.stats
+        return {**super().stats(), "device_state_multifd_bytes": st.bytes,
+                "device_state_buffers": st.buffers}
+
+
+class DeviceStateSaver:
+    """Several devices' producers on a pool of their own, joined per round: the save side
+    without a migration around it (tests, benchmarks)."""
+
     def __init__(self, devices: Iterable[Device], sender: Sender, *, name: str = "devsave") -> None:
-        self._states = [_SaveState(d) for d in devices]
-        self.sender = sender
-        self.pool = WorkerPool(name, max_workers=max(1, len(self._states)))
-        self._lock = threading.Lock()
-        self._finished = False
+        devices = list(devices)
+        self.pool = WorkerPool(name, max_workers=max(1, len(devices)))
+        self.producers = [DeviceStateProducer(d, sender, self.pool) for d in devices]
 
     @property
     def devices(self) -> list[Device]:
-        return [s.device for s in self._states]
+        return [p.device for p in self.producers]
 
     def stats(self) -> dict[str, DeviceTransferStats]:
         """Per device ``idstr/instance_id``."""
-        return {f"{s.device.idstr}/{s.device.instance_id}": s.stats for s in self._states}
+        return {f"{p.device.idstr}/{p.device.instance_id}": p.stats for p in self.producers}
 
     @property
     def total_buffers(self) -> int:
-        return sum(s.stats.buffers for s in self._states)
+        return sum(p.stats.buffers for p in self.producers)
 
     @property
     def total_bytes(self) -> int:
-        return sum(s.stats.bytes for s in self._states)
+        return sum(p.stats.bytes for p in self.producers)
 
     def pending(self) -> int:
-        """What the devices still report to send (convergence input)."""
-        return sum(s.device.pending() for s in self._states if not s.stats.config_sent)
+        return sum(p.pending() for p in self.producers)
 
     def iterate_live(self) -> int:
-        """One live-phase round: a save job for every device with pending state; joined
-        before returning (see module docstring). Returns the buffers sent."""
+        """One live round: a job for every device with pending state, joined. Returns the
+        buffers sent."""
         before = self.total_buffers
-        for st in self._states:
-            if not st.stats.config_sent and st.device.pending() > 0:
-                self.pool.submit(self._save, st, False, name=f"save-live:{st.device.idstr}")
+        for p in self.producers:
+            if p.pending() > 0:
+                p.start(final=False)
         self.wait()
         return self.total_buffers - before
 
     def start_final(self) -> None:
-        """Switchover (machine paused): every device's final job runs at once."""
-        for st in self._states:
-            self.pool.submit_immediate(self._save, st, True, name=f"save:{st.device.idstr}")
+        for p in self.producers:
+            p.start(final=True)
 
     def wait(self) -> None:
         """Join the jobs; the first failure is raised as DeviceStateError (pool aborted)."""
@@ -215,47 +366,6 @@ class DeviceStateSaver:
             self.pool.abort()
         self.pool.close(timeout=30)
 
-    # -- the job ----------------------------------------------------------------------------
-    def _save(self, st: _SaveState, final: bool) -> None:
-        dev, stats = st.device, st.stats
-        if stats.config_sent:
-            raise DeviceStateError(f"device {dev.idstr!r}: state saved after its final buffer")
-        slot = self.sender.new_slot()
-        prev: bytes | bytearray | memoryview | None = None
-        for buf in dev.save_state_buffers(final):
-            self.pool.check_abort()
-            if buffer_nbytes(buf) == 0:
-                raise DeviceStateError(f"device {dev.idstr!r} produced an empty state buffer")
-            if prev is not None:
-                slot = self._queue(slot, st, prev, config=False, live=not final)
-            prev = buf
-        if prev is None:
-            if final:
-                raise DeviceStateError(
-                    f"device {dev.idstr!r}: final save produced no buffer (the last one "
-                    "must carry CONFIG_STATE)")
-            return
-        self._queue(slot, st, prev, config=final, live=not final)
-        if final:
-            stats.config_sent = True
-
-    def _queue(
-        self, slot: SendSlot, st: _SaveState, buf: bytes | bytearray | memoryview, *,
-        config: bool, live: bool,
-    ) -> SendSlot:
-        dev, stats = st.device, st.stats
-        n = buffer_nbytes(buf)
-        flags = DEVICE_STATE_FLAG_CONFIG_STATE if config else 0
-        hdr = DeviceStateBufferHeader(stats.next_idx, flags).encode()
-        slot.payload(IndexedStatePayload).fill_indexed(dev.idstr, dev.instance_id, hdr, buf)
-        slot = self.sender.send(slot)
-        stats.next_idx += 1
-        stats.buffers += 1
-        stats.bytes += n
-        if live:
-            stats.live_buffers += 1
-        return slot
-
 
 class DeviceStateLoader:
     """Destination side: routes buffers to devices and runs their load jobs.
@@ -271,15 +381,17 @@ class DeviceStateLoader:
         enabled: bool,
         name: str = "devload",
         on_error: Callable[[str], None] | None = None,
+        load_timeout: float = DEVICE_LOAD_TIMEOUT_S,
     ) -> None:
         self.on_error = on_error  # called once on the first failure (stop the channels)
+        self.load_timeout = load_timeout
         self._devices = {(d.idstr, d.instance_id): d for d in devices}
         self._expected = {
             k: d for k, d in self._devices.items() if enabled and d.uses_multifd_state()
         }
         self.pool = WorkerPool(name, max_workers=max(1, len(self._expected)))
         self._lock = threading.Lock()
-        self._started: set[tuple[str, int]] = set()
+        self._jobs: dict[tuple[str, int], Job] = {}
         self.stats: dict[str, DeviceTransferStats] = {
             f"{k[0]}/{k[1]}": DeviceTransferStats() for k in self._expected}
         self.error: str | None = None
@@ -328,32 +440,47 @@ class DeviceStateLoader:
             self._start(key)
 
     def finish(self, channels_done: Callable[[], bool] | None = None) -> None:
-        """After EOF: wait for every load job. ``channels_done()`` True means no more
-        buffers can arrive, so a job still waiting has a missing buffer (clear error)."""
-        self.switchover_start()  # a stream without SWITCHOVER_START still loads
+        """After EOF: every expected device's load (`finish_device`), then join the pool."""
+        for dev in self.expected:
+            self.finish_device(dev, channels_done)
+        self.pool.close(timeout=30)
+
+    def finish_device(self, dev: Device, channels_done: Callable[[], bool] | None = None,
+                      ) -> None:
+        """Wait for ``dev``'s load job. Once ``channels_done()`` (no more buffers can
+        arrive), a buffer still missing fails at once; a job that holds all its buffers
+        gets ``load_timeout`` seconds to apply them."""
+        key = (dev.idstr, dev.instance_id)
+        self._start(key)  # a stream without SWITCHOVER_START still loads
+        deadline: float | None = None
         try:
             while True:
                 self._raise_if_failed()
+                job = self._jobs.get(key)
+                if job is None:  # the pool was aborted before the job could start
+                    raise DeviceStateError(f"device {dev.idstr!r}: load aborted")
                 try:
-                    self.pool.wait(timeout=_POLL_S)
-                    break
+                    job.result(_POLL_S)
+                    return
                 except TimeoutError:
                     pass
-                if channels_done is not None and channels_done():
-                    try:  # the last buffers may just have been stored: one more grace poll
-                        self.pool.wait(timeout=_POLL_S * 4)
-                        break
-                    except TimeoutError:
-                        self._fail("device state incomplete: " + self._missing())
-        except WorkerError as exc:
-            self._fail(f"device state load failed: {exc.job}: {exc.cause}")
+                except (WorkerError, Aborted) as exc:
+                    self._raise_if_failed()
+                    raise DeviceStateError(str(exc)) from None
+                if channels_done is None or not channels_done():
+                    continue
+                missing = dev.load_progress()
+                if missing:
+                    self._fail(f"device state incomplete: {dev.idstr}: {missing}")
+                elif deadline is None:
+                    deadline = time.monotonic() + self.load_timeout
+                elif time.monotonic() > deadline:
+                    self._fail(f"device state load did not finish within "
+                               f"{self.load_timeout:g} s after its last buffer arrived "
+                               f"(still loading: {dev.idstr}/{dev.instance_id})")
         except BaseException:
-            self.close()
-            raise
-        if self.error is not None:
             self.close()  # abort and join the workers before reporting
-            raise DeviceStateError(self.error)
-        self.pool.close(timeout=30)
+            raise
 
     def abort(self, reason: str = "aborted") -> None:
         """Stop the load jobs and wake channel threads blocked on back-pressure."""
@@ -374,11 +501,11 @@ class DeviceStateLoader:
     # -- internals --------------------------------------------------------------------------
     def _start(self, key: tuple[str, int]) -> None:
         with self._lock:
-            if key in self._started or self.pool.aborted:
+            if key in self._jobs or self.pool.aborted:
                 return
-            self._started.add(key)
-        dev = self._expected[key]
-        self.pool.submit_immediate(self._load, dev, name=f"load:{dev.idstr}/{dev.instance_id}")
+            dev = self._expected[key]
+            self._jobs[key] = self.pool.submit_immediate(
+                self._load, dev, name=f"load:{dev.idstr}/{dev.instance_id}")
 
     def _load(self, dev: Device) -> None:
         try:
@@ -403,10 +530,25 @@ class DeviceStateLoader:
         if self.error is not None:
             raise DeviceStateError(self.error)
 
-    def _missing(self) -> str:
-        parts = []
-        for key, dev in self._expected.items():
-            missing = dev.load_progress()
-            if missing:
-                parts.append(f"{key[0]}: {missing}")
-        return "; ".join(parts) or "a load job did not finish"
+
+class DeviceStateLoadHandler(DeviceLoadHandler):
+    """A device whose bulk state arrives as multifd buffers (`DeviceStateLoader`): its
+    load job starts once its setup section is in (live) or at SWITCHOVER_START, and the
+    machine runs only after `load_finish` saw the job through."""
+
+    def __init__(self, device: Device, loader: DeviceStateLoader,
+                 channels_done: Callable[[], bool]) -> None:
+        super().__init__(device, on_setup=loader.setup_loaded)
+        self.loader = loader
+        self.channels_done = channels_done
+
+    def switchover_start(self) -> None:
+        self.loader.setup_loaded(self.device)
+
+    def load_finish(self) -> None:
+        self.loader.finish_device(self.device, self.channels_done)
+
+    def stats(self) -> dict[str, int]:
+        st = self.loader.stats[f"{self.idstr}/{self.instance_id}"]
+        return {**super().stats(), "device_state_multifd_bytes": st.bytes,
+                "device_state_buffers": st.buffers}

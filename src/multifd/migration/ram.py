@@ -2,9 +2,10 @@
 
 Source: after a dirty-bitmap sync, pages to send sit in a per-block `todo` bitmap. An
 iteration walks it from a cursor in block order, 128 pages (one multifd packet) at a time:
-page batches go into RAM payload slots handed to `Sender.send`; zero pages go where the
-profile says (ZERO records on the main stream for qemu-7.2, zero offsets inside packets
-for qemu-10). A pass ends when the walk wraps; a page is sent at most once per pass and
+page batches go into RAM payload slots handed to `Sender.send`; zero pages go where
+zero-page-detection says (legacy: ZERO records on the main stream, the only choice of
+qemu-7.2; multifd: zero offsets inside packets, qemu-10's default; none: sent as data).
+A pass ends when the walk wraps; a page is sent at most once per pass and
 passes are separated by a multifd sync, which is what keeps an old copy of a page from
 overtaking a newer one on another channel (qemu-reference.md §3.6).
 
@@ -15,14 +16,26 @@ barrier at the markers the profile uses (EOS for qemu-7.2, MULTIFD_FLUSH for qem
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multifd.migration.handlers import LoadHandler, SaveHandler
 from multifd.multifd.ram import RamPayload
 from multifd.multifd.slots import SendSlot
-from multifd.wire.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, page_count
-from multifd.wire.ram import RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, encode_ram_record
+from multifd.wire.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, SectionType, page_count
+from multifd.wire.errors import BadName, BadRecordType, Mismatch
+from multifd.wire.ram import (
+    RamBlockInfo,
+    RamEos,
+    RamMemSize,
+    RamMultifdFlush,
+    RamPage,
+    RamZero,
+    RamZeroRun,
+    encode_ram_record,
+)
 from multifd.wire.ram_batch import encode_page_run, encode_zero_run
 
 if TYPE_CHECKING:
@@ -49,8 +62,9 @@ class RamCounters:
         self.last_sync_time = 0.0
 
 
-class RamSaveHandler:
-    """Source side of the "ram" section."""
+class RamSaveHandler(SaveHandler):
+    """Source side of the "ram" section: a live handler whose final iteration sends
+    everything left after the last bitmap sync."""
 
     idstr = RAM_SECTION_IDSTR
     instance_id = 0
@@ -64,11 +78,16 @@ class RamSaveHandler:
         sender: Sender | None,
         *,
         fresh_destination: bool = True,
+        zero_page_detection: str | None = None,
     ) -> None:
         self.machine = machine
         self.main = main
         self.profile = profile
         self.sender = sender
+        # QEMU's zero-page-detection (params.effective_zero_page_detection); None: the
+        # profile's own (multifd for qemu-10, legacy for qemu-7.2).
+        self.zero_page_detection = zero_page_detection or (
+            "multifd" if profile.zero_pages_in_multifd else "legacy")
         self.blocks: list[RamBlock] = list(machine.blocks.values())
         self.todo = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
         # Pages the destination holds a copy of. A zero page never sent needs no transfer:
@@ -95,6 +114,50 @@ class RamSaveHandler:
         self._scan_zero = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
         self._scan_end = 0
         self._window_end = 0
+
+    # -- the save handler ---------------------------------------------------------------------
+    def is_live(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        self.section_header(SectionType.START)
+        self.save_setup()
+        self.section_footer()
+
+    def pending(self, exact: bool = False) -> tuple[int, int]:
+        """Pages in todo; ``exact`` first folds the dirty bitmap in (migration_bitmap_sync)."""
+        if exact:
+            self.bitmap_sync()
+        return self.pending_bytes(), 0
+
+    def iterate(self, final: bool) -> bool:
+        """A PART section of at most MAX_WAIT; or, paused, the END section with the last
+        bitmap sync and everything left (ram_save_complete)."""
+        if not final:
+            self.section_header(SectionType.PART)
+            done = self.walk()
+            self.section_end()
+            self.section_footer()
+            return done
+        self.bitmap_sync()
+        self.section_header(SectionType.END)
+        while not self.walk(final=True):
+            pass
+        self.section_end()
+        self.section_footer()
+        self.cleanup()
+        return True
+
+    def cleanup(self) -> None:
+        for b in self.blocks:
+            try:
+                if b.dirty_logging:
+                    b.stop_dirty_log()
+            except Exception:  # a closed block tracks nothing
+                pass
+
+    def stats(self) -> dict[str, int]:
+        return {"ram_dirty_sync_count": self.counters.dirty_sync_count}
 
     # -- setup ------------------------------------------------------------------------------
     def save_setup(self) -> None:
@@ -137,7 +200,7 @@ class RamSaveHandler:
         return sum(b.dirty_count() * b.page_size for b in self.blocks)
 
     # -- sending --------------------------------------------------------------------------
-    def iterate(self, final: bool = False) -> bool:
+    def walk(self, final: bool = False) -> bool:
         """Send todo pages from the cursor; stop after MAX_WAIT (unless final) or at the wrap.
 
         Returns True when the pass is complete and nothing is left in todo.
@@ -177,12 +240,18 @@ class RamSaveHandler:
 
     def _send_window(self, i: int, block: RamBlock, pages: np.ndarray) -> None:
         """Send up to _WINDOW pages of block i: one zero scan for the whole window, then
-        ZERO records (main-stream zero pages) and packets or PAGE records of self.batch."""
-        zero_on_main = self.sender is None or not self.profile.zero_pages_in_multifd
+        ZERO records (main-stream zero pages) and packets or PAGE records of self.batch.
+
+        zero-page-detection (QEMU's ram_save_target_page): `none` looks at no page, so
+        every page goes as data and none is skipped; `legacy` (and `multifd` without
+        channels) finds them here and sends ZERO records; `multifd` leaves it to the
+        channels (zero offsets in the packets)."""
+        mode = self.zero_page_detection
+        zero_on_main = mode == "legacy" or (mode == "multifd" and self.sender is None)
         zero: np.ndarray | None = None
         if zero_on_main:
             zero = self._zero_pages(block, pages)
-        elif self.sent is not None:  # qemu-10: the channels find zero pages; only the
+        elif mode == "multifd" and self.sent is not None:  # the channels find zero pages;
             fresh = ~self.sent[i][pages]  # never-sent ones are looked at here, to skip them
             zero = np.zeros(pages.size, dtype=bool)
             if fresh.any():
@@ -281,15 +350,68 @@ class RamSaveHandler:
                 self._multifd_sync()
         self.main.write(encode_ram_record(RamEos()))
 
-    def save_complete(self) -> None:
-        """SECTION_END body (called with the machine paused): everything left, then EOS."""
-        self.bitmap_sync()
-        while not self.iterate(final=True):
-            pass
-        self.section_end()
-        for b in self.blocks:
-            b.stop_dirty_log()
 
-    def cleanup(self) -> None:
-        for b in self.blocks:
-            b.stop_dirty_log()
+class RamLoadHandler(LoadHandler):
+    """Destination side of the "ram" section: the block list is checked, ZERO/PAGE records
+    go into RAM, and the multifd sync barrier runs at the profile's marker (EOS for
+    qemu-7.2, MULTIFD_FLUSH for qemu-10) through ``sync(required)``."""
+
+    idstr = RAM_SECTION_IDSTR
+    version_id = RAM_SECTION_VERSION
+
+    def __init__(
+        self,
+        machine: Machine,
+        profile: Profile,
+        received: dict[str, np.ndarray],
+        sync: Callable[[bool], None],
+    ) -> None:
+        self.blocks = machine.blocks
+        self.profile = profile
+        self.received = received  # pages written by this migration (fresh RAM only)
+        self.sync = sync
+        self.normal = 0  # pages received on the main stream
+        self.zero = 0
+
+    def _block(self, name: str) -> RamBlock:
+        blk = self.blocks.get(name)
+        if blk is None:
+            raise BadName("unknown RAM block", field="block", value=name)
+        return blk
+
+    def load_state(self, kind: SectionType, version_id: int, data: Any) -> None:
+        rec, received = data, self.received
+        if isinstance(rec, RamZero):
+            blk = self._block(rec.block)
+            blk.pages[rec.offset // blk.page_size] = rec.fill
+            if received:
+                received[rec.block][rec.offset // blk.page_size] = True
+            self.zero += 1
+        elif isinstance(rec, RamZeroRun):
+            blk = self._block(rec.block)
+            blk.zero_out(rec.offsets // blk.page_size, received.get(rec.block))
+            self.zero += int(rec.offsets.size)
+        elif isinstance(rec, RamPage):
+            blk = self._block(rec.block)
+            blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
+            if received:
+                received[rec.block][rec.offset // blk.page_size] = True
+            self.normal += 1
+        elif isinstance(rec, RamEos):
+            if self.profile.sync_per_section:
+                self.sync(False)
+        elif isinstance(rec, RamMultifdFlush):
+            self.sync(True)
+        elif isinstance(rec, RamMemSize):
+            self._check_blocks(rec)
+        else:  # XBZRLE, compressed pages: capabilities we never negotiate
+            raise BadRecordType(f"unsupported RAM record {type(rec).__name__}")
+
+    def _check_blocks(self, rec: RamMemSize) -> None:
+        for info in rec.blocks:
+            blk = self._block(info.name)
+            if blk.used_length != info.used_length:
+                raise Mismatch(
+                    f"RAM block {info.name!r} is {info.used_length} bytes on the source and "
+                    f"{blk.used_length} here"
+                )

@@ -9,17 +9,18 @@ run-state buffer, migration/global_state.c), which tells the destination whether
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from multifd.migration.handlers import LoadHandler, SaveHandler
 from multifd.wire.constants import SectionType
-from multifd.wire.stream import SectionFooter, SectionHeader, encode_record
 
 if TYPE_CHECKING:
     from multifd.machine.device import Device
-    from multifd.migration.mainstream import MainStreamWriter
 
 GLOBALSTATE_IDSTR = "globalstate"
 GLOBALSTATE_SIZE = 104
+MIG_PRI_GLOBALSTATE = -1  # after every device: the last FULL section, as we always sent it
 _U32 = struct.Struct(">I")
 
 
@@ -64,67 +65,115 @@ def vmdesc_entry(
     }
 
 
-class DeviceSaveHandler:
-    """Writes one device's sections: START/PART/END when live, FULL otherwise."""
+class DeviceSaveHandler(SaveHandler):
+    """One device on the main stream: START/PART/END sections when live, FULL otherwise."""
 
-    def __init__(
-        self, device: Device, section_id: int, main: MainStreamWriter, *,
-        multifd_state: bool = False,
-    ) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
-        self.section_id = section_id
-        self.main = main
+        self.idstr = device.idstr
+        self.instance_id = device.instance_id
+        self.version_id = device.version_id
         self.live = device.is_live()
-        # Bulk state goes as multifd buffers (migration/device_state.py); the main stream
-        # then carries only START (setup) and an empty END, like VFIO's dummy end-of-state.
-        self.multifd_state = multifd_state
-        self.done = not self.live
+        self.done = False
         self.full_size: int | None = None
+        self.main_bytes = 0  # device data written to the main stream (bodies, no headers)
 
-    def _section(self, kind: SectionType, data: bytes, *, named: bool) -> None:
-        d = self.device
-        if named:
-            hdr = SectionHeader(kind, self.section_id, d.idstr, d.instance_id, d.version_id)
-        else:
-            hdr = SectionHeader(kind, self.section_id)
-        self.main.write(encode_record(hdr))
-        for part in encode_body(data):
-            self.main.write(part)
-        self.main.write(encode_record(SectionFooter(self.section_id)))
+    def is_live(self) -> bool:
+        return self.live
 
-    def pending(self) -> int:
-        return self.device.pending() if self.live and not self.done else 0
+    def _section(self, kind: SectionType, data: bytes) -> None:
+        self.write_section(kind, encode_body(data))
+        self.main_bytes += len(data)
 
-    def save_setup(self) -> None:
+    def setup(self) -> None:
         if self.live:
-            self._section(SectionType.START, self.device.save_setup(), named=True)
+            self._section(SectionType.START, self.device.save_setup())
 
-    def iterate(self, final: bool) -> None:
-        if not self.live or self.done or (not final and self.device.pending() == 0):
-            return
-        if self.multifd_state:
-            if final:
-                self._section(SectionType.END, b"", named=False)
-                self.done = True
-            return
+    def pending(self, exact: bool = False) -> tuple[int, int]:
+        return (self.device.pending() if self.live and not self.done else 0), 0
+
+    def iterate(self, final: bool) -> bool:
+        if self.done:
+            return True
+        if not self.live:  # non-iterable: one FULL section at switchover
+            data = self.device.save_state()
+            self.full_size = 4 + len(data)
+            self._section(SectionType.FULL, data)
+            self.done = True
+            return True
+        if not final and self.device.pending() == 0:
+            return True
         data, done = self.device.save_iterate(final)
         if final and done:
-            self._section(SectionType.END, data, named=False)
+            self._section(SectionType.END, data)
             self.done = True
         elif data:
-            self._section(SectionType.PART, data, named=False)
+            self._section(SectionType.PART, data)
+        return done
 
-    def complete(self) -> None:
-        """Switchover: iterate with final=True until the device reports done."""
-        while self.live and not self.done:
-            self.iterate(final=True)
+    def vmdesc(self) -> dict[str, Any] | None:
+        if self.full_size is None:
+            return None
+        return vmdesc_entry(self.idstr, self.instance_id, self.version_id, self.full_size)
 
-    def save_full(self) -> None:
-        if self.live:
-            return
-        data = self.device.save_state()
-        self.full_size = 4 + len(data)
-        self._section(SectionType.FULL, data, named=True)
+    def stats(self) -> dict[str, int]:
+        return {"device_state_main_bytes": self.main_bytes}
+
+
+class GlobalStateSaveHandler(SaveHandler):
+    """QEMU's `globalstate` (migration/global_state.c): the run state the destination
+    resumes into, the last FULL section."""
+
+    idstr = GLOBALSTATE_IDSTR
+    priority = MIG_PRI_GLOBALSTATE
+
+    def __init__(self, runstate: str) -> None:
+        self.runstate = runstate
+
+    def iterate(self, final: bool) -> bool:
+        self.write_section(SectionType.FULL, [encode_globalstate(self.runstate)])
+        return True
+
+    def vmdesc(self) -> dict[str, Any] | None:
+        return vmdesc_entry(GLOBALSTATE_IDSTR, 0, 1, GLOBALSTATE_SIZE, fields=[
+            {"name": "size", "type": "uint32", "size": 4},
+            {"name": "runstate", "type": "buffer", "size": 100}])
+
+
+class DeviceLoadHandler(LoadHandler):
+    """Destination side of a device's main-stream sections."""
+
+    def __init__(self, device: Device, on_setup: Callable[[Device], None] | None = None) -> None:
+        self.device = device
+        self.idstr = device.idstr
+        self.instance_id = device.instance_id
+        self.version_id = device.version_id
+        self._on_setup = on_setup
+        self.main_bytes = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"device_state_main_bytes": self.main_bytes}
+
+    def load_state(self, kind: SectionType, version_id: int, data: Any) -> None:
+        self.main_bytes += len(data)
+        if kind == SectionType.FULL:
+            self.device.load_state(data, version_id)
+        elif kind == SectionType.START:
+            self.device.load_setup(data)
+            if self._on_setup is not None:  # a live device's load job may start now
+                self._on_setup(self.device)
+        else:
+            self.device.load_iterate(data)
+
+
+class GlobalStateLoadHandler(LoadHandler):
+    """Reads the source's run state: the destination runs only if the source was running."""
+
+    idstr = GLOBALSTATE_IDSTR
+    runstate: str | None = None
+
+    def load_state(self, kind: SectionType, version_id: int, data: Any) -> None:
+        self.runstate = decode_globalstate(data)
 
 
 class _FixedBody:

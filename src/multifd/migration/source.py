@@ -24,6 +24,7 @@ was running before, and its state is untouched (the source only ever reads it).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -32,17 +33,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from multifd.machine.machine import Machine
-from multifd.migration.device_state import DeviceStateSaver, multifd_device_state_supported
+from multifd.machine.workers import WorkerPool
+from multifd.migration.device_state import (
+    DeviceStateSaveHandler,
+    device_state_totals,
+    multifd_device_state_supported,
+)
+from multifd.migration.handlers import SaveHandlers
 from multifd.migration.mainstream import MainStreamWriter
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
 from multifd.migration.ram import RamSaveHandler
-from multifd.migration.sections import (
-    GLOBALSTATE_IDSTR,
-    DeviceSaveHandler,
-    encode_globalstate,
-    vmdesc_entry,
-)
+from multifd.migration.sections import DeviceSaveHandler, GlobalStateSaveHandler
 from multifd.migration.stats import (
     BandwidthMeter,
     MigrationStats,
@@ -51,20 +53,19 @@ from multifd.migration.stats import (
     sum_channel_stats,
 )
 from multifd.migration.status import IllegalTransition, MigrationStatus, StatusMachine
+from multifd.migration.throttle import AutoConverge
 from multifd.multifd.sender import Sender
 from multifd.transport.channels import connect_channels
 from multifd.transport.exec import open_stream
 from multifd.transport.sockets import connect, sendmsg_all
 from multifd.transport.tls import TlsConfig, TlsError, connect_tls, connect_tls_channels
 from multifd.transport.uri import FdAddress, parse_uri, supports_multifd
-from multifd.wire.constants import Command, SectionType, ram_packet_len
+from multifd.wire.constants import Command, ram_packet_len
 from multifd.wire.stream import (
     CommandRecord,
     Configuration,
     EndOfStream,
     FileHeader,
-    SectionFooter,
-    SectionHeader,
     VmDescription,
     encode_record,
 )
@@ -105,7 +106,9 @@ class MigrationSource:
         self._thread: threading.Thread | None = None
         self._sender: Sender | None = None
         self._closers: list[Callable[[], None]] = []
-        self._ram: RamSaveHandler | None = None
+        self._ram: RamSaveHandler | None = None  # for RAM's figures in query-migrate
+        self._handlers: SaveHandlers | None = None
+        self._pool: WorkerPool | None = None  # the engine's workers (device-state producers)
         self._meter = BandwidthMeter()
         self._limiter = RateLimiter(self.params.max_bandwidth)
         self.t_start = 0.0
@@ -115,10 +118,7 @@ class MigrationSource:
         self.t_end = 0.0
         self.expected_downtime_ms = self.params.downtime_limit
         self.passes = 0
-        self._throttle_hits = 0  # auto-converge: periods where dirtying outran sending
-        self._period_start = time.monotonic()
-        self._period_sent_start = 0
-        self._period_dirtied = 0
+        self._auto_converge = AutoConverge(self.params)
         # Test/demo hook (fault injection): called on the migration thread at each phase.
         self.on_phase: Callable[[str], None] | None = None
 
@@ -127,7 +127,9 @@ class MigrationSource:
         if self._thread is not None:
             raise RuntimeError("a migration is already running from this source")
         addr = parse_uri(uri)  # bad URIs fail here, in the caller
-        self.t_start = self._period_start = time.monotonic()
+        self.params.effective_zero_page_detection(self.profile)  # and modes the profile lacks
+        self.t_start = time.monotonic()
+        self._auto_converge.reset(self.t_start)
         self._thread = threading.Thread(
             target=self._run, args=(addr,), name="live_migration", daemon=True
         )
@@ -174,11 +176,8 @@ class MigrationSource:
         return self._sender.channel_stats() if self._sender is not None else []
 
     def device_state_stats(self) -> dict[str, int]:
-        """Device state sent as multifd buffers: bytes (without headers) and buffers."""
-        ds = getattr(self, "_devstate", None)
-        if ds is None:
-            return {"device_state_bytes": 0, "device_state_buffers": 0}
-        return {"device_state_bytes": ds.total_bytes, "device_state_buffers": ds.total_buffers}
+        """Device state sent (see `device_state_totals`)."""
+        return device_state_totals(self._handlers.stats() if self._handlers is not None else {})
 
     # -- the migration thread -------------------------------------------------------------
     def set_max_bandwidth(self, max_bandwidth: int) -> None:
@@ -218,8 +217,8 @@ class MigrationSource:
             self.t_end = time.monotonic()
             cause = self._root_cause(exc)
             self._abort_io(str(exc))
-            if self._ram is not None:
-                self._ram.cleanup()
+            if self._handlers is not None:
+                self._handlers.cleanup()
             self.machine.set_throttle(0)  # auto-converge ends with the migration
             if paused_by_us:
                 self.machine.resume()
@@ -257,7 +256,8 @@ class MigrationSource:
                 layout=self.profile.layout,
                 compression=self.params.multifd_compression,
                 level=self._compression_level(),
-                zero_page_detection=self.profile.zero_pages_in_multifd,
+                zero_page_detection=(
+                    self.params.effective_zero_page_detection(self.profile) == "multifd"),
                 page_size=self._page_size(),
                 rate_limiter=self._limiter,
             )
@@ -298,63 +298,63 @@ class MigrationSource:
         return blocks[0].page_size if blocks else 4096
 
     def _setup(self, main: MainStreamWriter) -> None:
+        """Register every handler (RAM, then the devices, then globalstate: section ids in
+        that order) and let each write its setup (START sections)."""
         main.write(encode_record(FileHeader()))
         main.write(encode_record(Configuration(machine=self.machine_type)))
-        section_id = 0
-        self._ram = RamSaveHandler(self.machine, main, self.profile, self._sender)
-        self._ram_section = section_id
-        self._devices: list[DeviceSaveHandler] = []
+        handlers = self._handlers = SaveHandlers(main)
+        self._ram = RamSaveHandler(
+            self.machine, main, self.profile, self._sender,
+            zero_page_detection=self.params.effective_zero_page_detection(self.profile))
+        handlers.register(self._ram)
         via_multifd = self._sender is not None and multifd_device_state_supported(
             self.profile, True, self.params.multifd_compression)
         mfd_devs = [d for d in self.machine.devices if via_multifd and d.uses_multifd_state()]
+        if mfd_devs:
+            self._pool = WorkerPool("devsave", max_workers=len(mfd_devs))
+            self._closers.append(self._close_pool)
         for dev in self.machine.devices:
-            section_id += 1
-            self._devices.append(DeviceSaveHandler(dev, section_id, main,
-                                                   multifd_state=dev in mfd_devs))
-        self._devstate: DeviceStateSaver | None = None
-        if mfd_devs and self._sender is not None:
-            self._devstate = DeviceStateSaver(mfd_devs, self._sender)
-            self._closers.append(self._devstate.close)
-        self._global_section = section_id + 1
-        # ram START
-        main.write(encode_record(SectionHeader(
-            SectionType.START, self._ram_section, self._ram.idstr, 0, self._ram.version_id)))
-        self._ram.save_setup()
-        main.write(encode_record(SectionFooter(self._ram_section)))
-        for h in self._devices:
-            h.save_setup()
+            if dev in mfd_devs:
+                assert self._sender is not None and self._pool is not None
+                handlers.register(DeviceStateSaveHandler(dev, self._sender, self._pool))
+            else:
+                handlers.register(DeviceSaveHandler(dev))
+        handlers.register(GlobalStateSaveHandler(self._runstate))
+        for h in handlers:
+            h.setup()
         main.flush()
         self._emit("MIGRATION_PASS", {"pass": self._ram.counters.dirty_sync_count})
 
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            if self._pool.outstanding:
+                self._pool.abort()
+            self._pool.close(timeout=30)
+
     def _iterate_until_converged(self, main: MainStreamWriter) -> None:
-        assert self._ram is not None
-        ram = self._ram
+        """Live rounds until the pending bytes fit the downtime limit at the measured
+        bandwidth; the exact figure (RAM's bitmap sync) is asked only when the estimate
+        says so (QEMU's migration_iteration_run)."""
+        assert self._handlers is not None and self._ram is not None
+        handlers, ram = self._handlers, self._ram
         while True:
             self._check_cancel()
-            main.write(encode_record(SectionHeader(SectionType.PART, self._ram_section)))
-            ram.iterate()
-            ram.section_end()
-            main.write(encode_record(SectionFooter(self._ram_section)))
-            for h in self._devices:
-                h.iterate(final=False)
-            if self._devstate is not None:  # after RAM's SYNC of this pass, joined here
-                self._devstate.iterate_live()
+            handlers.iterate()
             main.flush()
             self._meter.update(self._transferred())
             bw = self._meter.bytes_per_ms()  # bytes/ms over the last >= 100 ms window
             threshold = bw * self._switchover_bandwidth_factor() * self.params.downtime_limit
-            pending = ram.pending_bytes() + sum(h.pending() for h in self._devices)
+            pending = handlers.pending()
             if bw > 0:
                 dirty = ram.counters.dirty_pages_last_sync * ram.page_size
                 if dirty:
                     self.expected_downtime_ms = dirty / bw
             if pending <= threshold or (pending == 0 and threshold == 0):
                 # The estimate says we can switch: get the exact figure (bitmap sync).
-                ram.bitmap_sync()
+                pending = handlers.pending(exact=True)
                 self.passes += 1
                 self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
                 self._throttle_check()
-                pending = ram.pending_bytes() + sum(h.pending() for h in self._devices)
                 if bw > 0:
                     self.expected_downtime_ms = pending / bw
                 if pending <= threshold:
@@ -368,68 +368,40 @@ class MigrationSource:
         return 1.0
 
     def _throttle_check(self) -> None:
-        """auto-converge, after a bitmap sync (QEMU's migration_trigger_throttle): once a
-        period of >= 1 s is over, if the bytes dirtied in it exceed
-        throttle-trigger-threshold % of the bytes sent in it twice, throttle the workload
-        (cpu-throttle-initial, then + cpu-throttle-increment, up to max-cpu-throttle)."""
+        """auto-converge, after a bitmap sync: throttle the workload when dirtying keeps
+        outrunning sending (migration/throttle.py)."""
         if not self.caps.get("auto-converge") or self._ram is None:
             return
         ram = self._ram
-        self._period_dirtied += ram.counters.dirty_pages_last_sync * ram.page_size
-        now = time.monotonic()
-        if now - self._period_start < 1.0:
-            return
-        sent = self._transferred() - self._period_sent_start
-        dirtied = self._period_dirtied
-        self._period_start, self._period_sent_start = now, self._transferred()
-        self._period_dirtied = 0
-        threshold = self.params.throttle_trigger_threshold / 100.0
-        if sent and dirtied > sent * threshold:
-            self._throttle_hits += 1
-            if self._throttle_hits >= 2:
-                cur = self.machine.throttle
-                step = self.params.cpu_throttle_initial if cur == 0 else (
-                    cur + self.params.cpu_throttle_increment)
-                self.machine.set_throttle(min(step, self.params.max_cpu_throttle))
-                self._throttle_hits = 0
+        pct = self._auto_converge.after_bitmap_sync(
+            ram.counters.dirty_pages_last_sync * ram.page_size, self._transferred(),
+            time.monotonic(), throttle_now=self.machine.throttle)
+        if pct is not None:
+            self.machine.set_throttle(pct)
 
     def _complete(self, main: MainStreamWriter) -> None:
-        assert self._ram is not None
+        """Switchover, machine paused: every handler iterates with final=True until done
+        (SaveHandlers.switchover), then EOF and the VMDESCRIPTION."""
+        assert self._handlers is not None
         if self.profile.switchover_start:
             main.write(encode_record(CommandRecord(Command.SWITCHOVER_START, b"")))
-        main.write(encode_record(SectionHeader(SectionType.END, self._ram_section)))
-        self._ram.save_complete()
-        main.write(encode_record(SectionFooter(self._ram_section)))
-        if self._devstate is not None:  # after RAM END (its last SYNC): jobs run at once
-            self._phase("device-state")
-            self._devstate.start_final()
-        for h in self._devices:
-            h.complete()
-        for h in self._devices:
-            h.save_full()
-        if self._devstate is not None:
-            self._devstate.wait()
+        rounds = itertools.count()
+
+        def before_round() -> None:
+            self._check_cancel()
+            if next(rounds) == 1:  # RAM's END is out, final device-state jobs are running
+                self._phase("device-state")
+
+        self._handlers.switchover(check=before_round)
         self._phase("completion")
         self._check_destination_alive()
-        main.write(encode_record(SectionHeader(
-            SectionType.FULL, self._global_section, GLOBALSTATE_IDSTR, 0, 1)))
-        main.write(encode_globalstate(self._runstate))
-        main.write(encode_record(SectionFooter(self._global_section)))
         main.write(encode_record(EndOfStream()))
-        main.write(encode_record(VmDescription(self._vmdesc())))
+        doc = {"page_size": self._page_size(), "devices": self._handlers.vmdesc()}
+        main.write(encode_record(VmDescription(json.dumps(doc, separators=(",", ":")).encode())))
         main.flush()
         if self._sender is not None:
             self._sender.close()
         self.machine.set_throttle(0)
-
-    def _vmdesc(self) -> bytes:
-        devices = [vmdesc_entry(h.device.idstr, h.device.instance_id, h.device.version_id,
-                                h.full_size) for h in self._devices if h.full_size is not None]
-        devices.append(vmdesc_entry(GLOBALSTATE_IDSTR, 0, 1, 104, fields=[
-            {"name": "size", "type": "uint32", "size": 4},
-            {"name": "runstate", "type": "buffer", "size": 100}]))
-        doc = {"page_size": self._page_size(), "devices": devices}
-        return json.dumps(doc, separators=(",", ":")).encode()
 
     # -- helpers --------------------------------------------------------------------------
     def _transferred(self) -> int:

@@ -215,7 +215,10 @@ class Sender:
         queues any more pages; otherwise later sends can block forever on a full socket.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._sync_mutex, self._mu:
+        # The send lock is held until every SYNC is out: a payload queued meanwhile would
+        # land before the SYNC on one channel and after it on another, so one producer's
+        # sequence (device-state buffers) could straddle the barrier out of order.
+        with self._sync_mutex, self._send_mutex, self._mu:
             self._raise_if_failed()
             if not self._started:
                 raise RuntimeError("Sender not started")
