@@ -1,4 +1,5 @@
-"""Non-RAM state: the Device interface (QEMU's SaveVMHandlers in Python form).
+"""Non-RAM state: the Device interface a user implements (the migration wraps each device
+in a save handler, migration/sections.py or migration/device_state.py).
 
 How the migration drives a device (source side):
 

@@ -17,8 +17,10 @@
     ram END, live devices END, FULL devices  load sections
     EOF, VMDESCRIPTION                       wait for load jobs, resume
 
-Switchover is "pause, then iterate with final=True until every handler is done"; there
-is no separate completion hook. A failed or cancelled migration resumes the machine if it
+Everything that migrates is a save handler (migration/handlers.py): each live round is
+`SaveHandlers.iterate()` (device-state producers on the engine's workers share the channels
+with RAM), and switchover is `SaveHandlers.switchover()`, "pause, then iterate with
+final=True until every handler is done"; there is no separate completion hook. A failed or cancelled migration resumes the machine if it
 was running before, and its state is untouched (the source only ever reads it).
 """
 
