@@ -423,3 +423,48 @@ def test_state_roundtrip_is_bytewise_equal() -> None:
         loader.sink(*it)
     loader.finish(lambda: True)
     assert np.array_equal(src.data, dst.data)
+
+
+class HeldDevice(BigStateDevice):
+    """Takes its dirty chunks at once (as BigStateDevice does), then yields them only
+    once ``go`` is set."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.go = threading.Event()
+        self.taken = threading.Event()
+
+    def save_state_buffers(self, final: bool) -> Iterator[object]:
+        it = super().save_state_buffers(final)
+        first = next(it)
+        self.taken.set()
+        self.go.wait(10)
+        yield first
+        yield from it
+
+
+def test_running_live_job_keeps_its_work_in_pending() -> None:
+    """The device stops counting chunks once the job takes them; until the job has
+    queued them, the producer still reports them (convergence must not switch over with
+    a live job's work ahead of it)."""
+    from multifd.machine.workers import WorkerPool
+    from multifd.migration.device_state import DeviceStateProducer
+
+    dev = HeldDevice(8 * CHUNK, chunk_size=CHUNK)
+    sender, rcv = pair(Capture())
+    pool = WorkerPool("devsave", max_workers=1)
+    prod = DeviceStateProducer(dev, sender, pool)
+    try:
+        assert prod.pending() == 8 * CHUNK
+        prod.start(final=False)
+        assert dev.taken.wait(10)
+        assert dev.pending() == 0 and prod.running()
+        assert prod.pending() == 8 * CHUNK
+        dev.go.set()
+        assert prod.wait(10)
+        assert prod.pending() == 0 and prod.stats.buffers == 8
+    finally:
+        dev.go.set()
+        pool.close(timeout=10)
+        sender.close(timeout=10)
+        rcv.close()

@@ -187,9 +187,15 @@ class DeviceStateProducer:
         self.pool = pool
         self.stats = DeviceTransferStats()
         self._job: Job | None = None
+        self._job_left = 0  # what the running job took on and has not queued yet (estimate)
 
     def pending(self) -> int:
-        return 0 if self.stats.config_sent else self.device.pending()
+        """The device's pending state plus what a running job still has to queue: the
+        device stops counting a chunk when the job takes it, not when it is sent, and
+        convergence must not switch over with the job's work still ahead of it."""
+        if self.stats.config_sent:
+            return 0
+        return self.device.pending() + (self._job_left if self.running() else 0)
 
     def running(self) -> bool:
         return self._job is not None and not self._job.done()
@@ -199,6 +205,7 @@ class DeviceStateProducer:
         if self.running():
             raise DeviceStateError(f"device {self.device.idstr!r}: a save job is running")
         kind = "save" if final else "save-live"
+        self._job_left = self.device.pending()
         submit = self.pool.submit_immediate if final else self.pool.submit
         self._job = submit(self._save, final, name=f"{kind}:{self.device.idstr}")
 
@@ -253,6 +260,7 @@ class DeviceStateProducer:
         stats.next_idx += 1
         stats.buffers += 1
         stats.bytes += n
+        self._job_left = max(0, self._job_left - n)
         if live:
             stats.live_buffers += 1
         return slot
