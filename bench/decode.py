@@ -9,11 +9,15 @@ fancy-index assignment per packet. MiB/s = capture bytes (all connections) / wal
 median of --runs. The result is checked against pattern-4MiB.bin after the first run.
 
     python bench/decode.py [--set qemu10-captures/multifd2-none] [--runs 20] [--json]
+
+The captures are read from tests/data (vendored, gzip-compressed ``*.bin.gz``; plain
+``*.bin`` files in a ``--data`` folder work too).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -34,14 +38,25 @@ BLOCKS = {
     "/rom@etc/table-loader": 0x1000,
     "/rom@etc/acpi/rsdp": 0x1000,
 }
-DEFAULT_SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 CANDIDATES = ["qemu-captures/multifd2-none", "qemu10-captures/multifd2-none"]
 
 
+def _file(d: Path, name: str) -> Path:
+    """``name`` in ``d``, or its gzip-compressed ``name.gz`` (how tests/data stores it)."""
+    return d / name if (d / name).exists() else d / f"{name}.gz"
+
+
+def read_capture(p: Path) -> bytes:
+    return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+
+
 def capture_files(d: Path) -> tuple[Path, list[Path]]:
-    if (d / "main.bin").exists():
-        return d / "main.bin", sorted(d.glob("chan-*.bin"))
-    return d / "conn0-src2dst.bin", sorted(d.glob("conn[1-9]-src2dst.bin"))
+    if _file(d, "main.bin").exists():
+        return _file(d, "main.bin"), sorted({_file(d, p.name.removesuffix(".gz"))
+                                            for p in d.glob("chan-*.bin*")})
+    return _file(d, "conn0-src2dst.bin"), sorted({_file(d, p.name.removesuffix(".gz"))
+                                                 for p in d.glob("conn[1-9]-src2dst.bin*")})
 
 
 def method_of(d: Path) -> str:
@@ -117,9 +132,11 @@ def decode_channel(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="folder holding qemu-captures/ and qemu10-captures/ (default: "
+                         "tests/data)")
     ap.add_argument("--set", default=None,
-                    help="capture folder relative to shared/ (default: the largest of "
+                    help="capture folder relative to --data (default: the largest of "
                          + ", ".join(CANDIDATES) + ")")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=256 * 1024, help="bytes per feed")
@@ -127,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.set:
-        d = args.shared / args.set
+        d = args.data / args.set
     else:
-        d = max((args.shared / c for c in CANDIDATES),
-                key=lambda p: sum(f.stat().st_size for f in (capture_files(p)[0],
-                                                            *capture_files(p)[1])))
+        d = max((args.data / c for c in CANDIDATES),
+                key=lambda p: sum(len(read_capture(f)) for f in (capture_files(p)[0],
+                                                                *capture_files(p)[1])))
     main_file, chans = capture_files(d)
-    main_data = main_file.read_bytes()
-    chan_data = [c.read_bytes() for c in chans]
+    main_data = read_capture(main_file)
+    chan_data = [read_capture(c) for c in chans]
     total = len(main_data) + sum(map(len, chan_data))
     method = method_of(d)
     ram = {name: np.zeros((size // PAGE, PAGE), dtype=np.uint8)
@@ -152,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
         pages, zpages = sum(c[0] for c in counts), sum(c[1] for c in counts)
         if run == 0:
-            pattern = (args.shared / "qemu-captures" / "pattern-4MiB.bin").read_bytes()
+            pattern = read_capture(_file(args.data / "qemu-captures", "pattern-4MiB.bin"))
             got = ram["pc.ram"].reshape(-1)[0x100000 : 0x100000 + len(pattern)].tobytes()
             if got != pattern:
                 print("decoded RAM does not match pattern-4MiB.bin", file=sys.stderr)
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "mib_per_s": round(total / med / 2**20, 1),
         "runs": args.runs,
         "median_s": round(med, 5),
-        "capture": str(d.relative_to(args.shared)),
+        "capture": str(d.relative_to(args.data)),
         "capture_bytes": total,
         "normal_pages": pages,
         "multifd_zero_pages": zpages,

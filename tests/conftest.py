@@ -1,17 +1,94 @@
-"""Shared test fixtures: where the read-only QEMU captures live (`<repo>/../shared`)."""
+"""Shared test fixtures: the real QEMU captures, vendored gzip-compressed in tests/data.
+
+The captures live in the repository (tests/data/qemu-captures, tests/data/qemu10-captures,
+each with the README that documents it) so that a plain clone can run every test. Streams
+are stored as ``<name>.gz``: read them with `capture_bytes()` (unpacked in memory, cached).
+Code that needs a real file (the CLI, `inspect_files`, QEMU's ``-device loader``) uses the
+paths under `Q72` / `Q10`: a decompressed copy of tests/data made once per content in the
+temp folder (`capture_path()`), so the original layout and file names stay valid.
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-Q72 = SHARED / "qemu-captures"
-Q10 = SHARED / "qemu10-captures"
+DATA = Path(__file__).resolve().parent / "data"
+# Stored gzip-compressed in the original material too: copied as they are, not unpacked
+# (the mapped-ram file is 73.5 MB unpacked; its tests read the .gz).
+_KEEP_COMPRESSED = frozenset({"qemu10-captures/mapped-ram/main.bin.gz"})
 PATTERN_OFFSET = 0x100000
+
+
+def _data_files() -> list[Path]:
+    return sorted(p for p in DATA.rglob("*") if p.is_file())
+
+
+def _materialize() -> Path:
+    """Unpack tests/data into ``<tmp>/multifd-captures-<uid>-<digest>`` (once per content).
+
+    The folder is built beside its final name and renamed into place, so concurrent test
+    processes never see a half-written copy; a later run with the same data reuses it.
+    """
+    files = _data_files()
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(DATA).as_posix().encode() + b"\0" + f.read_bytes())
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    root = Path(tempfile.gettempdir()) / f"multifd-captures-{uid}-{digest.hexdigest()[:16]}"
+    if root.is_dir():
+        return root
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    try:
+        for f in files:
+            rel = f.relative_to(DATA).as_posix()
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".gz") and rel not in _KEEP_COMPRESSED:
+                out.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+            else:
+                shutil.copyfile(f, out)
+        tmp.rename(root)
+    except OSError:
+        if not root.is_dir():  # not another process winning the race: a real error
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+CAPTURES_ROOT = _materialize()
+Q72 = CAPTURES_ROOT / "qemu-captures"
+Q10 = CAPTURES_ROOT / "qemu10-captures"
+# Older name of CAPTURES_ROOT (it used to be the workspace's ../shared folder); a few
+# modules still import it. It now points at the copy unpacked from tests/data.
+SHARED = CAPTURES_ROOT
+
+
+@cache
+def capture_bytes(rel: str) -> bytes:
+    """A stream's bytes, ``rel`` as in the captures' READMEs ("qemu-captures/x/y.bin"):
+    read from tests/data (``y.bin.gz`` unpacked in memory, other files as they are)."""
+    gz = DATA / f"{rel}.gz"
+    if gz.is_file():
+        return gzip.decompress(gz.read_bytes())
+    return (DATA / rel).read_bytes()
+
+
+def capture_path(rel: str) -> Path:
+    """A real file holding the stream ``rel`` (the unpacked copy of tests/data)."""
+    p = CAPTURES_ROOT / rel
+    if not p.is_file():
+        raise FileNotFoundError(f"no capture {rel!r} in {DATA}")
+    return p
 
 
 @dataclass(frozen=True)
@@ -63,18 +140,14 @@ CAPTURE_IDS = [c.name for c in CAPTURES]
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    return SHARED
-
-
-@pytest.fixture(scope="session")
 def pattern() -> bytes:
-    return (Q72 / "pattern-4MiB.bin").read_bytes()
+    return capture_bytes("qemu-captures/pattern-4MiB.bin")
 
 
 @pytest.fixture(scope="session")
 def mapped_ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """qemu10-captures/mapped-ram/main.bin.gz unpacked once (73.5 MB, mostly zeros)."""
     out = tmp_path_factory.mktemp("mapped-ram") / "main.bin"
-    out.write_bytes(gzip.decompress((Q10 / "mapped-ram/main.bin.gz").read_bytes()))
+    out.write_bytes(gzip.decompress((DATA / "qemu10-captures/mapped-ram/main.bin.gz")
+                                    .read_bytes()))
     return out

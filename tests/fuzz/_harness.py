@@ -1,13 +1,14 @@
 """Fuzzing support: seeds from the real QEMU captures, mutations, and the per-input bounds.
 
-Seeds are the recorded 7.2 and 10.0 streams (../shared). A 7.2 main stream is 15,700 RAM
-records; the "thinned" seed keeps every structural record and only a few page records per
-section, so one input decodes in about a millisecond and still reaches the device
-sections, EOF and the VMDESCRIPTION. Mutations: bit flips, byte sets, truncation, chunk
-deletion and duplication, and "lying" integers (0, 1, 2^31, 2^32-1, 2^63, ...) written at
-the start of real records and packets (found by a clean decode), where lengths and counts
-live. Every input runs under `bounded()`: a wall-clock alarm (a hang becomes a failure)
-and a tracemalloc peak limit (a lying length must not allocate).
+Seeds are the recorded 7.2 and 10.0 streams (vendored in tests/data). A 7.2 main stream
+is 15,700 RAM records; the "thinned" seed keeps every structural record and only a few
+ZERO and PAGE records per section, so one input decodes in about a millisecond and still
+reaches the device sections, EOF and the VMDESCRIPTION; the RAM seeds are those streams'
+RAM records alone. Mutations: bit flips, byte sets, truncation, chunk deletion and
+duplication, and "lying" integers (0, 1, 2^31, 2^32-1, 2^63, ...) written at the start of
+real records and packets (found by a clean decode), where lengths and counts live. Every
+input runs under `bounded()`: a wall-clock alarm (a hang becomes a failure) and a
+tracemalloc peak limit (a lying length must not allocate).
 """
 
 from __future__ import annotations
@@ -28,10 +29,22 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from multifd.wire import NEED_DATA
+from multifd.wire.buffer import ReceiveBuffer
 from multifd.wire.packet import ChannelDecoder, EndOfChannel
-from multifd.wire.ram import RamPage, RamZero
+from multifd.wire.ram import (
+    RamCompressedPage,
+    RamEos,
+    RamMemSize,
+    RamMultifdFlush,
+    RamPage,
+    RamRecordReader,
+    RamSettings,
+    RamXbzrle,
+    RamZero,
+    RamZeroRun,
+)
 from multifd.wire.stream import MainStreamDecoder, SectionFooter, SectionHeader
-from tests.conftest import Q10, Q72
+from tests.conftest import DATA, capture_bytes
 
 # Inputs tried / rejected per target, reported at the end of the session (conftest.py).
 FIGURES: Counter[str] = Counter()
@@ -114,18 +127,17 @@ def _main_marks(data: bytes) -> list[tuple[int, int, object]]:
 
 
 def _thin(data: bytes, keep: int = 6) -> bytes:
-    """Drop all but ``keep`` page records per section (every other record is kept)."""
+    """Keep ``keep`` ZERO and ``keep`` PAGE records per section, drop the other page
+    records (every non-page record is kept), so the seed has both kinds yet stays small."""
     parts: list[bytes] = []
-    in_section = 0
+    seen: Counter[type] = Counter()
     for start, end, rec in _main_marks(data):
-        if isinstance(rec, SectionHeader):
-            in_section = 0
+        if isinstance(rec, SectionHeader | SectionFooter):
+            seen.clear()
         if isinstance(rec, RamZero | RamPage):
-            in_section += 1
-            if in_section > keep:
+            seen[type(rec)] += 1
+            if seen[type(rec)] > keep:
                 continue
-        if isinstance(rec, SectionFooter):
-            in_section = 0
         parts.append(data[start:end])
     thinned = b"".join(parts)
     tail_at = _main_marks(data)[-1][1]
@@ -135,11 +147,11 @@ def _thin(data: bytes, keep: int = 6) -> bytes:
 @cache
 def main_seeds() -> tuple[Seed, ...]:
     seeds = []
-    for name, path in (("7.2-multifd", Q72 / "multifd2-none/conn0-src2dst.bin"),
-                       ("7.2-nomultifd", Q72 / "nomultifd/conn0-src2dst.bin"),
-                       ("10.0-multifd", Q10 / "multifd2-zstd/main.bin"),
-                       ("10.0-nomultifd", Q10 / "nomultifd/main.bin")):
-        raw = path.read_bytes()
+    for name, rel in (("7.2-multifd", "qemu-captures/multifd2-none/conn0-src2dst.bin"),
+                      ("7.2-nomultifd", "qemu-captures/nomultifd/conn0-src2dst.bin"),
+                      ("10.0-multifd", "qemu10-captures/multifd2-zstd/main.bin"),
+                      ("10.0-nomultifd", "qemu10-captures/nomultifd/main.bin")):
+        raw = capture_bytes(rel)
         data = raw if len(raw) < 200_000 else _thin(raw)
         try:
             marks = tuple(s for s, _, _ in _main_marks(data))
@@ -147,6 +159,40 @@ def main_seeds() -> tuple[Seed, ...]:
             data = raw[:32768]
             marks = ()
         seeds.append(Seed(name, data, marks))
+    return tuple(seeds)
+
+
+RAM_RECORDS = (RamMemSize, RamZero, RamZeroRun, RamPage, RamXbzrle, RamCompressedPage, RamEos,
+               RamMultifdFlush)
+
+
+def _ram_marks(data: bytes) -> list[tuple[int, int, object]]:
+    """(start, end, record) of every RAM record of a clean RAM-record stream."""
+    reader = RamRecordReader(RamSettings())
+    buf = ReceiveBuffer()
+    buf.feed(data)
+    buf.close()
+    out = []
+    start = 0
+    while buf.available:
+        rec = reader.read(buf)
+        buf.commit()
+        if rec is not None:
+            out.append((start, buf.offset, rec))
+            start = buf.offset
+    return out
+
+
+@cache
+def ram_seeds() -> tuple[Seed, ...]:
+    """The RAM records of each main seed's ram sections, back to back (section headers and
+    footers left out): what RamRecordReader reads, from the block list to the last EOS."""
+    seeds = []
+    for seed in main_seeds():
+        parts = [seed.data[s:e] for s, e, rec in _main_marks(seed.data)
+                 if isinstance(rec, RAM_RECORDS)]
+        data = b"".join(parts)
+        seeds.append(Seed(seed.name, data, tuple(s for s, _, _ in _ram_marks(data))))
     return tuple(seeds)
 
 
@@ -166,13 +212,13 @@ def _channel_marks(data: bytes) -> list[int]:
 @cache
 def channel_seeds(max_len: int = 600_000) -> tuple[Seed, ...]:
     seeds = []
-    for name, path in (("7.2-none", Q72 / "multifd2-none/conn1-src2dst.bin"),
-                       ("7.2-zlib", Q72 / "multifd2-zlib/conn1-src2dst.bin"),
-                       ("7.2-zstd", Q72 / "multifd2-zstd/conn2-src2dst.bin"),
-                       ("10.0-none", Q10 / "multifd2-none/chan-0.bin"),
-                       ("10.0-zlib", Q10 / "multifd2-zlib/chan-1.bin"),
-                       ("10.0-zstd", Q10 / "multifd2-zstd/chan-0.bin")):
-        raw = path.read_bytes()
+    for name, rel in (("7.2-none", "qemu-captures/multifd2-none/conn1-src2dst.bin"),
+                      ("7.2-zlib", "qemu-captures/multifd2-zlib/conn1-src2dst.bin"),
+                      ("7.2-zstd", "qemu-captures/multifd2-zstd/conn2-src2dst.bin"),
+                      ("10.0-none", "qemu10-captures/multifd2-none/chan-0.bin"),
+                      ("10.0-zlib", "qemu10-captures/multifd2-zlib/chan-1.bin"),
+                      ("10.0-zstd", "qemu10-captures/multifd2-zstd/chan-0.bin")):
+        raw = capture_bytes(rel)
         marks = [m for m in _channel_marks(raw) if m <= max_len]
         data = raw[: marks[-1]] if len(raw) > max_len else raw
         seeds.append(Seed(name, data, tuple(marks)))
@@ -182,7 +228,7 @@ def channel_seeds(max_len: int = 600_000) -> tuple[Seed, ...]:
 @cache
 def mapped_ram_seed() -> Seed:
     """The first 96 KiB of QEMU 10.0's mapped-ram file: header, block list, bitmaps start."""
-    with gzip.open(Q10 / "mapped-ram/main.bin.gz", "rb") as f:
+    with gzip.open(DATA / "qemu10-captures/mapped-ram/main.bin.gz", "rb") as f:
         return Seed("10.0-mapped-ram", f.read(96 * 1024))
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from multifd.commands import inspect as inspect_cmd
 from multifd.qemu.inspect import InspectError, inspect_streams
-from tests.conftest import Q10
+from tests.conftest import capture_bytes
 from tests.fuzz._harness import Seed, _channel_marks, fuzz_settings, main_seeds, mutated, run_target
 
 MiB = 1 << 20
@@ -30,9 +30,9 @@ INSPECT_LIMIT = 160 * MiB
 def _sets() -> tuple[tuple[str, bytes, tuple[bytes, ...]], ...]:
     out = []
     for comp in ("none", "zlib", "zstd"):
-        d = Q10 / f"multifd2-{comp}"
-        out.append((f"10.0-{comp}", (d / "main.bin").read_bytes(),
-                    ((d / "chan-0.bin").read_bytes(), (d / "chan-1.bin").read_bytes())))
+        d = f"qemu10-captures/multifd2-{comp}"
+        out.append((f"10.0-{comp}", capture_bytes(f"{d}/main.bin"),
+                    (capture_bytes(f"{d}/chan-0.bin"), capture_bytes(f"{d}/chan-1.bin"))))
     thin = next(s for s in main_seeds() if s.name == "7.2-nomultifd")
     out.append(("7.2-nomultifd", thin.data, ()))
     return tuple(out)
@@ -100,7 +100,7 @@ def test_inspect_command_run(tmp_path_factory: object, case: tuple[str, bytes]) 
 
 def test_inspect_subprocess_one_line_error(tmp_path: Path) -> None:
     """The installed CLI on a stream with a lying length: exit 2, one line, no traceback."""
-    main = bytearray((Q10 / "multifd2-zstd/main.bin").read_bytes())
+    main = bytearray(capture_bytes("qemu10-captures/multifd2-zstd/main.bin"))
     at = main.find(b"\x03ram") + 12  # the first RAM record of the START section
     main[at + 8 : at + 16] = (1 << 63).to_bytes(8, "big")  # MEM_SIZE total: absurd
     (tmp_path / "m.bin").write_bytes(main)

@@ -1,4 +1,4 @@
-"""Golden tests on real QEMU 7.2 and 10.0 streams (../shared/qemu-captures, qemu10-captures).
+"""Golden tests on real QEMU 7.2 and 10.0 streams (tests/data/qemu-captures, qemu10-captures).
 
 Rebuild pc.ram from every capture (main stream + multifd channels, zlib/zstd inflated, or
 mapped-ram pages), compare the pattern region, check the README's page counts, the 7.2

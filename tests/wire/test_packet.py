@@ -1,6 +1,6 @@
 """Multifd channel codecs: init / RAM / device-state packets and ChannelDecoder.
 
-Golden tests run on every real channel capture (QEMU 7.2 and 10.0) in ../shared.
+Golden tests run on every real channel capture (QEMU 7.2 and 10.0), vendored in tests/data.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.conftest import SHARED
+from tests.conftest import Q10, Q72
 
 from multifd.wire import NEED_DATA, WireError
 from multifd.wire.constants import (
@@ -59,9 +59,6 @@ BLOCKS = {
     "/rom@etc/table-loader": 0x1000,
     "/rom@etc/acpi/rsdp": 0x1000,
 }
-Q72 = SHARED / "qemu-captures"
-Q10 = SHARED / "qemu10-captures"
-
 # (file, channel id, packets, sync packets, normal pages) from qemu-captures/README.md and
 # qemu72-peer.md §4.2; the per-capture totals equal query-migrate's "normal" (817).
 CAPTURES_72 = [

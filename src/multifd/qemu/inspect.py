@@ -29,7 +29,15 @@ import numpy as np
 from multifd.compress import Decompressor, get_method
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import Command, SectionType
-from multifd.wire.errors import BadLength, BadName, BadOffset, Mismatch, Truncated, WireError
+from multifd.wire.errors import (
+    BadLength,
+    BadName,
+    BadOffset,
+    Mismatch,
+    Truncated,
+    WireError,
+    lookup,
+)
 from multifd.wire.mapped_ram import bitmap_size, bitmap_to_pages
 from multifd.wire.packet import (
     ChannelDecoder,
@@ -58,7 +66,7 @@ from multifd.wire.stream import (
     SectionHeader,
     VmDescription,
 )
-from multifd.wire.vmdesc import find_vmdesc, parse_vmdesc_json, split_device_tail
+from multifd.wire.vmdesc import checked_vmdesc, find_vmdesc, parse_vmdesc_json, split_device_tail
 
 __all__ = [
     "ChannelStats",
@@ -229,8 +237,14 @@ def load_input(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
         head = f.read(2)
         if head == b"\x1f\x8b":
             f.seek(0)
-            with gzip.GzipFile(fileobj=f) as gz:
-                data = gz.read(MAX_GUNZIP + 1)
+            try:
+                with gzip.GzipFile(fileobj=f) as gz:
+                    data = gz.read(MAX_GUNZIP + 1)
+            except EOFError:  # malformed input (exit 2), not an I/O error
+                raise InspectError(Truncated("gzip stream ends before its end-of-stream "
+                                             "marker", offset=f.tell()), str(p)) from None
+            except (gzip.BadGzipFile, zlib.error) as e:
+                raise InspectError(WireError(f"not a valid gzip stream ({e})"), str(p)) from None
             if len(data) > MAX_GUNZIP:
                 raise OSError(f"{p}: unpacked gzip stream is too large")
             return data
@@ -265,14 +279,26 @@ class _Ram:
         for b in blocks:
             self.lengths[b.name] = b.used_length
 
-    def pages(self, block: str) -> np.ndarray:
+    def pages(self, block: str, *, record: str, offset: int | None = None) -> np.ndarray:
+        """The block as rows of pages. ``block`` comes from the stream: a name the MEM_SIZE
+        list did not declare is an UnknownName naming ``record`` (never a KeyError)."""
         arr = self.result.ram.get(block)
         if arr is None:
-            used = self.lengths[block]
+            used = lookup(self.lengths, block, kind="RAM block", field="block",
+                          record=record, offset=offset)
             n = -(-used // self.ps)
             arr = np.zeros(n * self.ps, dtype=np.uint8)
             self.result.ram[block] = arr
         return arr.reshape(-1, self.ps)
+
+    def page(self, block: str, addr: int, *, record: str, offset: int) -> np.ndarray:
+        """One page of a main-stream record, its offset checked against the final block
+        list (pages decoded before a later MEM_SIZE were checked against the old one)."""
+        pages = self.pages(block, record=record, offset=offset)
+        if addr % self.ps or addr + self.ps > self.lengths[block]:
+            raise BadOffset(f"{record} page offset outside RAM block {block!r}",
+                            field="offset", value=addr, offset=offset)
+        return pages[addr // self.ps]
 
 
 def _uleb(data: bytes, pos: int) -> tuple[int, int]:
@@ -381,7 +407,8 @@ class _Channel:
             return  # SYNC-only or an empty 7.2 packet: its other fields are stale
         if normal or h.compression:
             self._check_method(h.compression)
-        pages = self.ram.pages(h.ramblock)
+        pages = self.ram.pages(h.ramblock, record=f"multifd packet {h.packet_num}",
+                               offset=pkt.offset)
         if normal:
             idx = (h.normal_offsets // np.uint64(self.ps)).astype(np.intp)
             st.payload_bytes += len(pkt.payload)
@@ -417,15 +444,16 @@ class _Channel:
 # --------------------------------------------------------------------------- main stream
 
 
-_KIND = {SectionType.START: "start", SectionType.PART: "part", SectionType.END: "end",
-         SectionType.FULL: "full"}
+_KIND: dict[int, str] = {SectionType.START: "start", SectionType.PART: "part",
+                         SectionType.END: "end", SectionType.FULL: "full"}
 
 
 def _decode_main(name: str, data: bytes | mmap.mmap, result: InspectResult) -> tuple[
-        list[object], bytes]:
-    """Decode the main stream; return the RAM operations in order and the device tail."""
+        list[tuple[int, object]], bytes]:
+    """Decode the main stream; return the RAM operations in order (with the offset of each
+    record, for errors found when they are applied) and the device tail."""
     dec = MainStreamDecoder()
-    ops: list[object] = []
+    ops: list[tuple[int, object]] = []
     tail = bytearray()
     open_sec: tuple[SectionHeader, int] | None = None
     starts: dict[int, SectionHeader] = {}
@@ -440,7 +468,7 @@ def _decode_main(name: str, data: bytes | mmap.mmap, result: InspectResult) -> t
                 return
             if isinstance(rec, RamZero | RamPage | RamXbzrle | RamCompressedPage | RamEos
                           | RamMultifdFlush):
-                ops.append(rec)
+                ops.append((at, rec))
             elif isinstance(rec, DeviceTail):
                 tail.extend(rec.data)
             elif isinstance(rec, SectionHeader):
@@ -448,17 +476,19 @@ def _decode_main(name: str, data: bytes | mmap.mmap, result: InspectResult) -> t
                 if rec.type in (SectionType.START, SectionType.FULL):
                     starts[rec.section_id] = rec
             elif isinstance(rec, SectionFooter):
-                assert open_sec is not None
+                if open_sec is None:  # the decoder pairs them; never an assert on input
+                    raise Mismatch("section footer without an open section",
+                                   field="section_id", value=rec.section_id, offset=at)
                 hdr, start = open_sec
                 first = starts.get(hdr.section_id, hdr)
                 result.sections.append(SectionInfo(
-                    _KIND[hdr.type], hdr.section_id, first.idstr, first.instance_id,
+                    _kind(hdr.type), hdr.section_id, first.idstr, first.instance_id,
                     first.version_id, start, dec.offset - start))
                 open_sec = None
             elif isinstance(rec, RamMemSize):
                 result.ram_total = rec.total
                 result.ram_blocks = list(rec.blocks)
-                ops.append(rec)
+                ops.append((at, rec))
             elif isinstance(rec, FileHeader):
                 result.stream_version = rec.version
             elif isinstance(rec, Configuration):
@@ -481,12 +511,18 @@ def _decode_main(name: str, data: bytes | mmap.mmap, result: InspectResult) -> t
         result.tail_size = len(tail)
         if vmdesc_raw is not None:
             result.vmdesc_size = len(vmdesc_raw)
-            _set_devices(result, parse_vmdesc_json(vmdesc_raw))
+            # the stream ends with the record: 0x06, be32 length, the JSON
+            _set_devices(result, checked_vmdesc(parse_vmdesc_json(vmdesc_raw),
+                                                 dec.offset - len(vmdesc_raw) - 5))
         if dec.tail_offset is not None:
             _split_tail(bytes(tail), dec.tail_offset, result)
     except WireError as e:
         raise InspectError(e, name) from None
     return ops, bytes(tail)
+
+
+def _kind(t: int) -> str:
+    return _KIND.get(t, str(t))
 
 
 def _set_devices(result: InspectResult, vmdesc: dict[str, Any]) -> None:
@@ -508,22 +544,27 @@ def _split_tail(tail: bytes, base: int, result: InspectResult) -> None:
         return
     off, vmdesc = found
     result.vmdesc_size = len(tail) - off - 5
+    vmdesc = checked_vmdesc(vmdesc, base + off)
     _set_devices(result, vmdesc)
     split = split_device_tail(tail, vmdesc, base_offset=base)
     result.tail_split = split.split
     for s in split.sections:
-        result.sections.append(SectionInfo(_KIND.get(SectionType(s.type), str(s.type)),
-                                           s.section_id, s.idstr, s.instance_id, s.version_id,
-                                           s.offset, s.size))
+        result.sections.append(SectionInfo(_kind(s.type), s.section_id, s.idstr,
+                                           s.instance_id, s.version_id, s.offset, s.size))
 
 
-def _apply_main_op(op: object, ram: _Ram, result: InspectResult) -> None:
+_RECORD_NAME = {RamZero: "ZERO record", RamPage: "PAGE record", RamXbzrle: "XBZRLE record",
+                RamCompressedPage: "COMPRESS_PAGE record"}
+
+
+def _apply_main_op(at: int, op: object, ram: _Ram, result: InspectResult) -> None:
     ps = ram.ps
+    assert isinstance(op, RamZero | RamPage | RamXbzrle | RamCompressedPage)
+    page = ram.page(op.block, op.offset, record=_RECORD_NAME[type(op)], offset=at)
     if isinstance(op, RamZero):
-        ram.pages(op.block)[op.offset // ps] = op.fill
+        page[:] = op.fill
         result.main_zero_pages += 1
         return
-    page = ram.pages(op.block)[op.offset // ps]  # type: ignore[attr-defined]
     if isinstance(op, RamPage):
         page[:] = np.frombuffer(op.data, dtype=np.uint8)
     elif isinstance(op, RamCompressedPage):
@@ -565,11 +606,11 @@ def inspect_streams(
     ordered = [chans[k] for k in sorted(chans)]
     result.channels = [c.stats for c in ordered]
 
-    per_round = any(isinstance(op, RamMultifdFlush) for op in ops)
+    per_round = any(isinstance(op, RamMultifdFlush) for _, op in ops)
     marker_type = RamMultifdFlush if per_round else RamEos
     has_channels = bool(ordered)
     result.sync_mode = "per-round" if per_round else ("per-section" if has_channels else "none")
-    for op in ops:
+    for at, op in ops:
         if isinstance(op, marker_type):
             result.sync_markers += 1
             for ch in ordered:
@@ -578,7 +619,7 @@ def inspect_streams(
             continue
         elif not isinstance(op, RamEos | RamMultifdFlush):
             try:
-                _apply_main_op(op, ram, result)
+                _apply_main_op(at, op, ram, result)
             except WireError as e:
                 raise InspectError(e, name) from None
     for ch in ordered:
@@ -614,7 +655,7 @@ def _apply_mapped_ram(name: str, data: bytes | mmap.mmap, ram: _Ram,
                                          field="block", value=b.name, offset=len(data)), name)
         src = np.frombuffer(data, dtype=np.uint8, count=npages * ps,
                             offset=mr.pages_offset).reshape(npages, ps)
-        ram.pages(b.name)[idx] = src[idx]
+        ram.pages(b.name, record="mapped-ram block", offset=mr.bitmap_offset)[idx] = src[idx]
         result.mapped_ram_pages += len(idx)
 
 

@@ -7,6 +7,12 @@ receiver can fail a migration with a reason an operator understands.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
 
 class WireError(Exception):
     """A stream violates QEMU's migration format (or a caller-imposed limit)."""
@@ -75,6 +81,32 @@ class BadOffset(WireError):
 
 class BadName(WireError):
     """A block, section or device name is malformed or unknown."""
+
+
+class UnknownName(BadName):
+    """The stream refers to a RAM block, section or device it never declared."""
+
+
+def lookup(
+    table: Mapping[_K, _V],
+    key: _K,
+    *,
+    kind: str,
+    record: str,
+    field: str = "name",
+    offset: int | None = None,
+) -> _V:
+    """``table[key]`` for a name (or id) taken from the stream, failing as a WireError.
+
+    A decoder that indexes its tables with names the peer sent turns a hostile stream into
+    a KeyError (a crash: exit 1, no offset, no file); this raises UnknownName instead,
+    saying which ``record`` named which missing ``kind`` ("RAM block", "section", ...).
+    """
+    try:
+        return table[key]
+    except KeyError:
+        raise UnknownName(f"{record} names an unknown {kind}", field=field, value=key,
+                          offset=offset) from None
 
 
 class Truncated(WireError):

@@ -117,6 +117,22 @@ def _next_header_bytes(name: str, instance: int) -> tuple[bytes, bytes]:
     return bytes((SectionType.FULL,)), bytes((len(raw),)) + raw + _U32.pack(instance)
 
 
+def checked_vmdesc(vmdesc: dict[str, Any], offset: int | None = None) -> dict[str, Any]:
+    """The vmdesc, once every device entry names its section: a string "name" and a u32
+    "instance_id" (the tail is split by them; a null or a string there is a WireError)."""
+    for i, d in enumerate(vmdesc.get("devices", [])):
+        if not isinstance(d, dict):
+            continue
+        name, inst = d.get("name", ""), d.get("instance_id", 0)
+        if not isinstance(name, str):
+            raise BadName(f"VMDESCRIPTION device {i} has no string name", field="name",
+                          value=repr(name)[:80], offset=offset)
+        if isinstance(inst, bool) or not isinstance(inst, int) or not 0 <= inst < 1 << 32:
+            raise BadName(f"VMDESCRIPTION device {i} ({name[:64]}) has no u32 instance_id",
+                          field="instance_id", value=repr(inst)[:80], offset=offset)
+    return vmdesc
+
+
 def split_device_tail(
     tail: bytes, vmdesc: dict[str, Any] | None, *, base_offset: int = 0
 ) -> TailSplit:
@@ -130,6 +146,7 @@ def split_device_tail(
         vmdesc = found[1]
     if vmdesc is None:
         return TailSplit((), None, None, False)
+    checked_vmdesc(vmdesc, base_offset + vm_off if vm_off is not None else None)
     devices = [
         (str(d.get("name", "")), int(d.get("instance_id", 0)))
         for d in vmdesc.get("devices", [])
