@@ -16,7 +16,7 @@ barrier at the markers the profile uses (EOS for qemu-7.2, MULTIFD_FLUSH for qem
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from multifd.migration.handlers import LoadHandler, SaveHandler
 from multifd.multifd.ram import RamPayload
 from multifd.multifd.slots import SendSlot
 from multifd.wire.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, SectionType, page_count
-from multifd.wire.errors import BadName, BadRecordType, Mismatch
+from multifd.wire.errors import BadRecordType, Mismatch, lookup
 from multifd.wire.ram import (
     RamBlockInfo,
     RamEos,
@@ -351,6 +351,34 @@ class RamSaveHandler(SaveHandler):
         self.main.write(encode_ram_record(RamEos()))
 
 
+def apply_page_record(blocks: Mapping[str, RamBlock], received: Mapping[str, np.ndarray],
+                      rec: object) -> tuple[int, int] | None:
+    """Apply a main-stream ZERO, ZERO run or PAGE record to RAM; returns the (normal, zero)
+    pages it held, None for another record. The block a record names is looked up checked
+    (a hostile stream gets a WireError naming it, not a KeyError). With ``received`` maps
+    (fresh RAM), a zero page never written is left alone (RamBlock.zero_out)."""
+    if isinstance(rec, RamZero | RamPage):
+        blk = lookup(blocks, rec.block, kind="RAM block", record=type(rec).__name__,
+                     field="block")
+        got = received.get(rec.block)
+        page = rec.offset // blk.page_size
+        if isinstance(rec, RamPage):
+            blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
+        elif not rec.fill:
+            blk.zero_out(np.array([page]), got)
+            return 0, 1
+        else:
+            blk.pages[page] = rec.fill
+        if got is not None:
+            got[page] = True
+        return (1, 0) if isinstance(rec, RamPage) else (0, 1)
+    if isinstance(rec, RamZeroRun):
+        blk = lookup(blocks, rec.block, kind="RAM block", record="ZERO run", field="block")
+        blk.zero_out(rec.offsets // blk.page_size, received.get(rec.block))
+        return 0, int(rec.offsets.size)
+    return None
+
+
 class RamLoadHandler(LoadHandler):
     """Destination side of the "ram" section: the block list is checked, ZERO/PAGE records
     go into RAM, and the multifd sync barrier runs at the profile's marker (EOS for
@@ -373,30 +401,12 @@ class RamLoadHandler(LoadHandler):
         self.normal = 0  # pages received on the main stream
         self.zero = 0
 
-    def _block(self, name: str) -> RamBlock:
-        blk = self.blocks.get(name)
-        if blk is None:
-            raise BadName("unknown RAM block", field="block", value=name)
-        return blk
-
     def load_state(self, kind: SectionType, version_id: int, data: Any) -> None:
-        rec, received = data, self.received
-        if isinstance(rec, RamZero):
-            blk = self._block(rec.block)
-            blk.pages[rec.offset // blk.page_size] = rec.fill
-            if received:
-                received[rec.block][rec.offset // blk.page_size] = True
-            self.zero += 1
-        elif isinstance(rec, RamZeroRun):
-            blk = self._block(rec.block)
-            blk.zero_out(rec.offsets // blk.page_size, received.get(rec.block))
-            self.zero += int(rec.offsets.size)
-        elif isinstance(rec, RamPage):
-            blk = self._block(rec.block)
-            blk.view[rec.offset : rec.offset + blk.page_size] = rec.data
-            if received:
-                received[rec.block][rec.offset // blk.page_size] = True
-            self.normal += 1
+        rec = data
+        pages = apply_page_record(self.blocks, self.received, rec)
+        if pages is not None:
+            self.normal += pages[0]
+            self.zero += pages[1]
         elif isinstance(rec, RamEos):
             if self.profile.sync_per_section:
                 self.sync(False)
@@ -409,7 +419,8 @@ class RamLoadHandler(LoadHandler):
 
     def _check_blocks(self, rec: RamMemSize) -> None:
         for info in rec.blocks:
-            blk = self._block(info.name)
+            blk = lookup(self.blocks, info.name, kind="RAM block", record="MEM_SIZE",
+                         field="block")
             if blk.used_length != info.used_length:
                 raise Mismatch(
                     f"RAM block {info.name!r} is {info.used_length} bytes on the source and "

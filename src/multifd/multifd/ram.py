@@ -43,7 +43,7 @@ from multifd.wire.constants import (
     page_count,
     ram_packet_len,
 )
-from multifd.wire.errors import BadLength
+from multifd.wire.errors import BadLength, lookup
 from multifd.wire.packet import RamPacketEncoder, decode_ram_packet
 from multifd.wire.ram_batch import is_page_run, is_run
 
@@ -250,7 +250,8 @@ class RamRecvOps(RecvOps):
         st.add("wire_bytes_ram", plen + size)
         if not nn and not nzero:
             return hdr.is_sync
-        block = cfg.blocks[hdr.ramblock]
+        block = lookup(cfg.blocks, hdr.ramblock, kind="RAM block", record="multifd packet",
+                       field="ramblock")
         received = cfg.received.get(hdr.ramblock)
         run = hdr.run_start
         if run is not None:

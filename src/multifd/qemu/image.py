@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from multifd.machine.ramblock import RamBlock, received_maps
+from multifd.migration.ram import apply_page_record
 from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import RAM_SECTION_IDSTR, Command, SectionType
 from multifd.wire.errors import BadName, BadRecordType, Mismatch, Truncated, WireError
@@ -38,10 +39,7 @@ from multifd.wire.ram import (
     RamEos,
     RamMemSize,
     RamMultifdFlush,
-    RamPage,
     RamSettings,
-    RamZero,
-    RamZeroRun,
     encode_ram_record,
 )
 from multifd.wire.ram_batch import encode_page_run, encode_zero_run
@@ -222,23 +220,10 @@ class StreamRecorder:
             self._apply(rec)
 
     def _apply(self, rec: object) -> None:
-        if isinstance(rec, RamZero):
-            blk, page = self._blocks[rec.block], rec.offset // self.page_size
-            if rec.fill:
-                blk.pages[page] = rec.fill
-                self.received[rec.block][page] = True
-            else:
-                blk.zero_out(np.array([page]), self.received[rec.block])
-            self.main_zero += 1
-        elif isinstance(rec, RamZeroRun):
-            self._blocks[rec.block].zero_out(rec.offsets // self.page_size,
-                                             self.received[rec.block])
-            self.main_zero += int(rec.offsets.shape[0])
-        elif isinstance(rec, RamPage):
-            blk = self._blocks[rec.block]
-            blk.view[rec.offset : rec.offset + self.page_size] = rec.data
-            self.received[rec.block][rec.offset // self.page_size] = True
-            self.main_normal += 1
+        pages = apply_page_record(self._blocks, self.received, rec)
+        if pages is not None:
+            self.main_normal += pages[0]
+            self.main_zero += pages[1]
         elif isinstance(rec, RamEos | RamMultifdFlush):
             if self.on_marker is not None:
                 self.on_marker(rec)
