@@ -18,10 +18,11 @@
     EOF, VMDESCRIPTION                       wait for load jobs, resume
 
 Everything that migrates is a save handler (migration/handlers.py): each live round is
-`SaveHandlers.iterate()` (device-state producers on the engine's workers share the channels
-with RAM), and switchover is `SaveHandlers.switchover()`, "pause, then iterate with
-final=True until every handler is done"; there is no separate completion hook. A failed or cancelled migration resumes the machine if it
-was running before, and its state is untouched (the source only ever reads it).
+`SaveHandlers.iterate()` (device-state producers on the engine's workers share the
+channels with RAM), and switchover is `SaveHandlers.switchover()`, "pause, then iterate
+with final=True until every handler is done"; there is no separate completion hook.
+A failed or cancelled migration resumes the machine if it was running before, and its
+state is untouched (the source only ever reads it).
 """
 
 from __future__ import annotations
