@@ -142,6 +142,26 @@ def _pc() -> tuple[MigrationParameters, MigrationCapabilities]:
     return p, c
 
 
+def _migrate(dev: BigStateDevice) -> tuple[MigrationSource, MigrationDestination,
+                                          BigStateDevice, Machine, Machine]:
+    src = Machine([RamBlock("pc.ram", 4 << 20)])
+    src.add_device(dev)
+    src.blocks["pc.ram"].view[:4096] = b"\x5a" * 4096
+    dst = Machine([RamBlock("pc.ram", 4 << 20)])
+    dst_dev = BigStateDevice(dev.size, chunk_size=dev.chunk_size, populate=False)
+    dst.add_device(dst_dev)
+    dst.set_incoming()
+    p, c = _pc()
+    dest = MigrationDestination(dst, params=p, caps=c, profile=QEMU_10, accept_timeout=10)
+    uri = dest.listen("tcp:127.0.0.1:0")
+    p, c = _pc()
+    source = MigrationSource(src, params=p, caps=c, profile=QEMU_10)
+    source.start(uri)
+    source.wait(60)
+    dest.wait(60)
+    return source, dest, dst_dev, src, dst
+
+
 def test_live_device_state_overlaps_ram(monkeypatch: pytest.MonkeyPatch) -> None:
     rounds = [0]
     real = ram_mod.RamSaveHandler.iterate
@@ -152,25 +172,10 @@ def test_live_device_state_overlaps_ram(monkeypatch: pytest.MonkeyPatch) -> None
         return real(self, final)
 
     monkeypatch.setattr(ram_mod.RamSaveHandler, "iterate", counted)
-    chunk = 64 << 10
-    src = Machine([RamBlock("pc.ram", 4 << 20)])
-    dev = GatedDevice(4 << 20, chunk_size=chunk)
+    dev = GatedDevice(4 << 20, chunk_size=64 << 10)
     dev.ram_rounds = rounds
-    src.add_device(dev)
-    src.blocks["pc.ram"].view[:4096] = b"\x5a" * 4096
-    dst = Machine([RamBlock("pc.ram", 4 << 20)])
-    dst_dev = BigStateDevice(4 << 20, chunk_size=chunk, populate=False)
-    dst.add_device(dst_dev)
-    dst.set_incoming()
-    p, c = _pc()
-    dest = MigrationDestination(dst, params=p, caps=c, profile=QEMU_10, accept_timeout=10)
-    uri = dest.listen("tcp:127.0.0.1:0")
-    p, c = _pc()
-    source = MigrationSource(src, params=p, caps=c, profile=QEMU_10)
+    source, dest, dst_dev, src, dst = _migrate(dev)
     try:
-        source.start(uri)
-        source.wait(60)
-        dest.wait(60)
         assert (str(source.status.status), str(dest.status.status)) == (
             "completed", "completed"), (source.error, dest.error)
         assert dst_dev.checksum() == dev.checksum()
@@ -178,6 +183,28 @@ def test_live_device_state_overlaps_ram(monkeypatch: pytest.MonkeyPatch) -> None
         st = source.device_state_stats()
         assert st["device_state_multifd_bytes"] >= 4 << 20  # the bulk went in the live phase
         assert source.device_state_stats() == dest.device_state_stats()
+    finally:
+        src.close()
+        dst.close()
+
+
+class FailingLiveDevice(BigStateDevice):
+    def save_state_buffers(self, final: bool) -> Iterator[Any]:
+        if not final:
+            yield from list(super().save_state_buffers(final))[:2]
+            raise DeviceStateError("the device's live save broke")
+        yield from super().save_state_buffers(final)
+
+
+def test_a_failed_live_job_fails_the_migration_naming_it() -> None:
+    dev = FailingLiveDevice(4 << 20, chunk_size=64 << 10)
+    source, dest, _dst_dev, src, dst = _migrate(dev)
+    try:
+        assert str(source.status.status) == "failed"
+        assert "save-live:bigstate" in (source.error or "")
+        assert "the device's live save broke" in (source.error or "")
+        assert str(dest.status.status) == "failed"
+        assert src.is_running is False  # never started: stays as it was
     finally:
         src.close()
         dst.close()

@@ -70,6 +70,7 @@ __all__ = [
 
 _HDR = DeviceStateBufferHeader.SIZE
 _POLL_S = 0.05
+_LIVE_POLL_S = 0.005  # per live round while a device's job runs (RAM's rounds are 50 ms)
 DEVICE_LOAD_TIMEOUT_S = 120.0  # after the last buffer arrived, for the load jobs to end
 
 
@@ -288,7 +289,9 @@ class DeviceStateSaveHandler(DeviceSaveHandler):
     def iterate(self, final: bool) -> bool:
         p = self.producer
         if not final:
-            if p.running():
+            # A running job gets a short wait, not a spin (with RAM idle the live loop
+            # would take the GIL from it and the channel threads); a failed one raises.
+            if not p.wait(_LIVE_POLL_S if p.running() else 0):
                 return False
             if p.pending() == 0:
                 return True
