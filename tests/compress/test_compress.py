@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -324,7 +323,7 @@ def test_random_payloads_only_raise_wire_errors() -> None:
                 pass
         for _ in range(20):
             try:
-                m.new_decompressor().decompress_packet(os.urandom(200),
+                m.new_decompressor().decompress_packet(rng.bytes(200),
                                                        memoryview(bytearray(PAGE)))
             except WireError:
                 pass

@@ -74,7 +74,8 @@ def test_run_state_without_workload_and_events() -> None:
     assert m.state is RunState.PRELAUNCH and not m.is_running
     m.start()
     assert m.is_running and m.resumed_at is not None
-    assert m.pause(timeout=1) < 0.5
+    assert m.workload_threads == 0
+    m.pause(timeout=0)  # no workload thread: nothing to wait for, even with no time at all
     assert m.state is RunState.PAUSED and m.paused_at is not None
     assert m.pause() == 0.0  # already stopped: no second STOP
     m.set_state(RunState.POSTMIGRATE)
@@ -111,6 +112,7 @@ class _Worker:
         self.violations = 0
         self.cancel = threading.Event()
         self.thread = threading.Thread(target=self._run)
+        self.sleep = time.sleep  # the step's work (a test may hold a step with it)
 
     def _run(self) -> None:
         with self.m.workload():
@@ -118,7 +120,7 @@ class _Worker:
                 self.in_step = True
                 if not self.m.is_running:
                     self.violations += 1
-                time.sleep(self.step_s)
+                self.sleep(self.step_s)
                 self.steps += 1
                 self.in_step = False
 
@@ -135,11 +137,31 @@ def test_pause_waits_for_safe_point_and_resume_continues() -> None:
     m.start()
     w.thread.start()
     try:
-        time.sleep(0.05)
-        assert w.steps > 0
-        took = m.pause(timeout=5)
-        assert took < 1
-        assert not w.in_step
+        deadline = time.monotonic() + 5
+        while w.steps == 0:
+            assert time.monotonic() < deadline, "the workload never ran"
+            time.sleep(0.005)
+        # Hold the workload inside a step: pause() must wait for it to leave.
+        inside, release = threading.Event(), threading.Event()
+        step_s = w.step_s
+
+        def held_sleep(_s: float) -> None:
+            inside.set()
+            release.wait(10)
+
+        w.sleep = held_sleep
+        assert inside.wait(5)
+        took: list[float] = []
+        pauser = threading.Thread(target=lambda: took.append(m.pause(timeout=10)))
+        pauser.start()
+        pauser.join(0.1)
+        assert pauser.is_alive() and w.in_step  # waiting for the step in progress
+        assert m.state is RunState.PAUSED  # no new step may start meanwhile
+        w.sleep = lambda _s: time.sleep(step_s)
+        release.set()
+        pauser.join(10)
+        assert not pauser.is_alive() and len(took) == 1
+        assert not w.in_step and w.violations == 0
         frozen = w.steps
         time.sleep(0.05)
         assert w.steps == frozen and not w.in_step
@@ -172,7 +194,9 @@ def test_pause_timeout_restores_running() -> None:
     assert m.is_running
     release.set()
     t.join(5)
-    assert m.pause(timeout=1) < 1  # the thread left: nothing to wait for
+    assert m.workload_threads == 0
+    m.pause(timeout=0)  # the thread left: nothing to wait for, not even for a moment
+    assert m.state is RunState.PAUSED
 
 
 def test_stop_a_paused_workload_via_cancel() -> None:
@@ -209,14 +233,20 @@ def test_throttle_slows_the_workload() -> None:
 
 
 def test_throttled_workload_still_pauses_promptly() -> None:
+    """The throttle's sleep counts as parked: at 99 % a 50 ms step is followed by ~5 s of
+    throttle sleep, and pause() does not wait for that sleep to end."""
     m = Machine()
     m.start()
-    m.set_throttle(95)
-    w = _Worker(m, step_s=0.01)
+    m.set_throttle(99)
+    w = _Worker(m, step_s=0.05)
     w.thread.start()
     try:
-        time.sleep(0.05)
-        assert m.pause(timeout=2) < 0.1  # throttle sleep counts as parked
+        deadline = time.monotonic() + 30  # (a late first safe point is throttled too)
+        while w.steps == 0:  # one step done: the worker is in (or entering) its sleep
+            assert time.monotonic() < deadline, "the workload never ran"
+            time.sleep(0.005)
+        m.pause(timeout=2)  # TimeoutError if it waited for the ~5 s throttle sleep
+        assert w.steps == 1 and not w.in_step
     finally:
         w.stop()
 

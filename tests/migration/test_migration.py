@@ -7,6 +7,7 @@ check the source's promise: it keeps running and its state is untouched.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -198,6 +199,24 @@ def test_dead_destination_fails_source_quickly() -> None:
         m.close()
 
 
+# A destination that refuses the stream resets its connections: the source, which has no
+# return path, fails on the broken connection ("multifd channel 0 failed: BrokenPipeError:
+# [Errno 32] Broken pipe"; on another timing a reset, or the main channel closed).
+REFUSED_BY_DESTINATION = r"Broken pipe|Connection reset by peer|closed the main channel"
+
+
+def _assert_source_failed_untouched(src: MigrationSource, machine: Machine, before: str,
+                                    events: list[str]) -> None:
+    """The source failed (never "completed" into a destination that refused the stream),
+    and its machine - not running when the migration started - was neither started nor
+    changed. (Its state label is prelaunch, or paused when the failure came after the
+    switchover relabelled it; no RESUME or STOP either way.)"""
+    assert str(src.wait(30)) == "failed", src.error
+    assert re.search(REFUSED_BY_DESTINATION, src.error or ""), src.error
+    assert not machine.is_running and events == [], (machine.state, events)
+    assert machine.checksum() == before
+
+
 def test_machine_type_mismatch_is_a_clear_error() -> None:
     p, c = _setup()
     dst_machine = build_demo_machine(RAM, populate=False)
@@ -205,12 +224,15 @@ def test_machine_type_mismatch_is_a_clear_error() -> None:
     dst = MigrationDestination(dst_machine, params=p, caps=c, machine_type="other-machine")
     uri = dst.listen("tcp:127.0.0.1:0")
     machine = _paused_machine()
+    before = machine.checksum()
+    events: list[str] = []
+    machine.on_state_change.append(lambda event, _state: events.append(event))
     src = MigrationSource(machine, params=p, caps=c)
     src.start(uri)
     assert str(dst.wait(30)) == "failed"
     assert "machine type received is 'multifd-python' and local is 'other-machine'" in (
         dst.error or "")
-    src.wait(30)
+    _assert_source_failed_untouched(src, machine, before, events)
     assert not dst_machine.is_running
     machine.close()
     dst_machine.close()
@@ -228,12 +250,16 @@ def test_ram_block_mismatch_is_a_clear_error(blocks: list[tuple[str, int]],
     dst = MigrationDestination(dst_machine, params=p, caps=c)
     uri = dst.listen("tcp:127.0.0.1:0")
     machine = _paused_machine()
+    before = machine.checksum()
+    events: list[str] = []
+    machine.on_state_change.append(lambda event, _state: events.append(event))
     src = MigrationSource(machine, params=p, caps=c)
     src.start(uri)
     assert str(dst.wait(30)) == "failed"
     for w in words:
         assert w in (dst.error or "")
-    assert str(src.wait(30)) in ("failed", "completed")
+    _assert_source_failed_untouched(src, machine, before, events)
+    assert not dst_machine.is_running
     machine.close()
     dst_machine.close()
 

@@ -65,7 +65,6 @@ def procs() -> Iterator[list[Served]]:
 
 
 SETUP_CAPS = [{"capability": "multifd", "state": True}, {"capability": "events", "state": True}]
-SETUP_PARAMS = {"multifd-channels": 2, "max-bandwidth": 1_000_000_000_000}
 
 
 async def _until(client: QMPClient, status: str, timeout: float = 30) -> list[str]:
@@ -84,13 +83,25 @@ async def _until(client: QMPClient, status: str, timeout: float = 30) -> list[st
         assert st not in ("completed", "failed", "cancelled"), (seen, status)
 
 
+# The live test's workload: 16 MiB/s of dirtying (64 steps/s) on the source, so its 1200
+# steps last ~19 s - far longer than the migration - and flat out on the destination, so
+# it finishes the rest within moments after `cont`.
+LIVE_STEPS = 1200
+LIVE_SOURCE_RATE = "16"
+# ~1 s for the first pass of 32 MiB: the workload dirties pages meanwhile, which later
+# passes send again.
+LIVE_PARAMS = {"multifd-channels": 2, "max-bandwidth": 32 * MiB}
+
+
 @pytest.mark.parametrize("profile", ["qemu-10", "qemu-7.2"])
 def test_migrate_between_serve_processes(sockdir: Path, procs: list[Served],
                                          profile: str) -> None:
-    steps = 600  # about 2.5 s of workload at 64 MiB/s: still running while we migrate
-    src = Served(sockdir, "src", "--profile", profile, "--steps", str(steps))
+    steps = LIVE_STEPS
+    src = Served(sockdir, "src", "--profile", profile, "--steps", str(steps),
+                 "--dirty-rate", LIVE_SOURCE_RATE)
     procs.append(src)
-    dst = Served(sockdir, "dst", "--profile", profile, "--incoming", "defer", "-S")
+    dst = Served(sockdir, "dst", "--profile", profile, "--incoming", "defer", "-S",
+                 "--dirty-rate", "0")
     procs.append(dst)
     mig = f"unix:{sockdir / 'mig.sock'}"
 
@@ -100,13 +111,19 @@ def test_migrate_between_serve_processes(sockdir: Path, procs: list[Served],
         await d.connect(dst.path)
         for c in (s, d):
             await c.execute("migrate-set-capabilities", {"capabilities": SETUP_CAPS})
-            await c.execute("migrate-set-parameters", SETUP_PARAMS)
+            await c.execute("migrate-set-parameters", LIVE_PARAMS)
         assert (await s.execute("query-status"))["status"] == "running"  # type: ignore[index]
         assert (await d.execute("query-status")) == {"status": "inmigrate", "running": False,
                                                      "singlestep": False}
         await d.execute("migrate-incoming", {"uri": mig})
         assert (await d.execute("query-migrate"))["socket-address"] == [  # type: ignore[index]
             {"type": "unix", "path": mig.removeprefix("unix:")}]
+        deadline = time.monotonic() + 30
+        while not (work := await s.execute("x-query-workload"))["step"]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the source's workload never started"
+            await asyncio.sleep(0.01)
+        assert work["running"] is True, work  # type: ignore[index]
+        step_at_migrate = work["step"]  # type: ignore[index]
         await s.execute("migrate", {"uri": mig})
         src_seen = await _until(s, "completed")
         dst_seen = await _until(d, "completed")
@@ -123,9 +140,14 @@ def test_migrate_between_serve_processes(sockdir: Path, procs: list[Served],
         s_step = (await s.execute("x-query-workload"))["step"]  # type: ignore[index]
         d_work = await d.execute("x-query-workload")
         assert d_work["step"] == s_step and d_work["total-steps"] == steps  # type: ignore[index]
-        # Usually the workload is still running when we migrate; on a loaded machine it may
-        # already have finished, which leaves the checksum checks just as valid.
-        assert 0 < s_step <= steps
+        # A live migration: the workload ran on during it (it advanced after `migrate`)
+        # and was still running when the switchover stopped it (short of its last step),
+        # and the pages it dirtied meanwhile were sent again: more pages went out than the
+        # machine has.
+        assert step_at_migrate < s_step < steps, (step_at_migrate, s_step)
+        ram = info["ram"]  # type: ignore[index]
+        assert ram["dirty-sync-count"] >= 2, ram
+        assert ram["normal"] + ram["duplicate"] > ram["total"] // ram["page-size"], ram
         # the destination carries on from the migrated step to the end
         await d.execute("cont")
         deadline = time.monotonic() + 30

@@ -11,6 +11,8 @@ tests/qemu.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,8 +83,19 @@ def test_qemu_tls_record_and_replay(tmp_path: Path, version: str) -> None:
         dst.close()
 
 
-def test_qemu72_refuses_our_client_from_another_ca(tmp_path: Path) -> None:
-    """QEMU's verify-peer=on destination refuses a client cert its CA did not sign."""
+@dataclass
+class Refusal:
+    """`multifd migrate` with a client certificate from a stranger CA into QEMU 7.2."""
+
+    returncode: int
+    stderr: str
+    qemu_log: str
+    qemu_status: str  # query-status of the destination once our side gave up
+
+
+@pytest.fixture(scope="module")
+def refused_by_qemu72(tmp_path_factory: pytest.TempPathFactory) -> Refusal:
+    tmp_path = tmp_path_factory.mktemp("qemu-tls-refusal")
     good, stranger = tmp_path / "good", tmp_path / "stranger"
     ca = make_creds(good)
     make_creds(stranger, ca=ca, client_ca=None)
@@ -112,7 +125,29 @@ def test_qemu72_refuses_our_client_from_another_ca(tmp_path: Path) -> None:
         res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "1",
                       "--timeout", "10", "--tls-creds", str(stranger),
                       "--tls-hostname", "localhost")
-        assert res.returncode != 0
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        return Refusal(res.returncode, res.stderr, dst.log(), dst.status())
     finally:
         dst.close()
+
+
+def test_qemu72_refuses_our_client_from_another_ca(refused_by_qemu72: Refusal) -> None:
+    """QEMU's verify-peer=on destination refuses a client cert its CA did not sign: it
+    says so in its log and keeps waiting (still inmigrate); we exit 1 with one line."""
+    r = refused_by_qemu72
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "The certificate hasn't got a known issuer" in r.qemu_log, r.qemu_log[-2000:]
+    assert r.qemu_status == "inmigrate"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: with TLS 1.3 QEMU refuses our client certificate after our side of the "
+    "handshake is done and drops the connection; the ssl.SSLEOFError of our next write "
+    "goes out as 'cannot migrate to URI: EOF occurred in violation of protocol "
+    "(_ssl.c:...)' (qemu/peer.py:migrate_to_qemu) or 'multifd channel 0 failed: "
+    "SSLEOFError: ...' (the channel's deferred handshake / transport/tls.py:TlsSocket "
+    "writes): the line names neither TLS nor the certificate"))
+def test_qemu72_refusal_error_names_tls(refused_by_qemu72: Refusal) -> None:
+    line = refused_by_qemu72.stderr.strip()
+    assert re.search(r"TLS|handshake|certificate", line), line
