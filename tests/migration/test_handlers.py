@@ -66,18 +66,18 @@ def test_switchover_runs_live_handlers_until_done_then_the_rest() -> None:
     reg = _registry(Recorder("ram", log), Recorder("slow", log, rounds=3),
                     Recorder("full", log, live=False), Recorder("dev", log))
     checks: list[int] = []
-    reg.switchover(check=lambda: checks.append(len(log)))
+    reg.switchover(check=lambda left: checks.append(len(left)))
     assert log == ["ram:final", "slow:final", "dev:final",  # round 1 of the live group
                    "slow:final", "slow:final",  # only the one not done yet
                    "full:final"]  # non-iterable sections after every live one
-    assert len(checks) == 4  # before every round
+    assert checks == [3, 1, 1, 1]  # before every round, with the handlers left
 
 
 def test_switchover_check_stops_the_loop() -> None:
     log: list[str] = []
     reg = _registry(Recorder("forever", log, rounds=10**9))
 
-    def check() -> None:
+    def check(left: list[SaveHandler]) -> None:
         if len(log) >= 3:
             raise RuntimeError("cancelled")
 

@@ -143,6 +143,7 @@ class MigrationDestination:
         self._globalstate = GlobalStateLoadHandler()
         self._handlers.register(self._globalstate)
         self._current: tuple[LoadHandler, SectionType, int] | None = None
+        self._channel_error: str | None = None  # the first multifd channel failure
 
     # -- public ---------------------------------------------------------------------------
     def listen(self, uri: str) -> str:
@@ -221,8 +222,9 @@ class MigrationDestination:
             self.t_end = time.monotonic()
             if self._cancelled.is_set():
                 self.error = "migration cancelled on the destination"
-            else:  # a device-state failure stops the channels: report it, not the fallout
-                self.error = self._devstate.error or str(exc) or type(exc).__name__
+            else:  # a failed channel or device load stops the rest: report it, not the fallout
+                self.error = (self._devstate.error or self._channel_error or str(exc)
+                              or type(exc).__name__)
             self._shutdown(self.error)
             self.status.fail(self.error)
             self._emit("MIGRATION", {"status": "failed"})
@@ -264,6 +266,7 @@ class MigrationDestination:
                 page_size=self._page_size(),
                 blocks=dict(self.machine.blocks),
                 device_state_sink=self._devstate.sink,
+                on_error=self._channel_failed,
                 fresh_ram=self.fresh_ram,
                 received=self._received,
             )
@@ -310,7 +313,10 @@ class MigrationDestination:
         main = self._main
         done = False
         while not done:
-            n = main.recv_into(view)
+            try:
+                n = main.recv_into(view)
+            except OSError as exc:  # a reset by the source, mostly: say which channel
+                raise ConnectionError(f"main channel: {exc.strerror or exc}") from exc
             self.stats.add_main_bytes(n)
             if n == 0:
                 dec.receive_eof()
@@ -400,10 +406,21 @@ class MigrationDestination:
             except Exception:
                 pass
 
+    def _channel_failed(self, err: Exception) -> None:
+        """A multifd channel thread failed: that is the cause; wake the loader (it may be
+        blocked reading main) by shutting main's read side."""
+        self._channel_error = str(err)
+        self._stop_main()
+
     def _shutdown(self, why: str) -> None:
         self._devstate.abort(why)
         if self.receiver is not None:
             self.receiver.abort(why)
+        self._stop_main()
+        if self._listener is not None:
+            self._listener.close()
+
+    def _stop_main(self) -> None:
         main = self._main
         if isinstance(main, socket.socket):
             try:  # a failed destination resets main (never a clean FIN: the source takes
@@ -412,8 +429,6 @@ class MigrationDestination:
                 main.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
-        if self._listener is not None:
-            self._listener.close()
 
     def _check_main_alive(self) -> None:
         """While waiting at a multifd sync: fail if the source reset the main channel (it

@@ -139,15 +139,16 @@ class SaveHandlers:
         for h in self.live():
             h.iterate(final=False)
 
-    def switchover(self, check: Callable[[], None] | None = None) -> None:
+    def switchover(self, check: Callable[[list[SaveHandler]], None] | None = None) -> None:
         """The machine is paused: iterate(final=True) until every handler is done, the
         iterable (live) handlers first, then the rest (QEMU's complete_precopy order).
-        ``check()`` runs before every round (cancellation)."""
+        ``check(left)`` runs before every round with the handlers still to iterate
+        (cancellation, fault-injection points)."""
         for group in (self.live(), [h for h in self if not h.is_live()]):
             left = group
             while left:
                 if check is not None:
-                    check()
+                    check(left)
                 left = [h for h in left if not h.iterate(final=True)]
 
     def cleanup(self) -> None:

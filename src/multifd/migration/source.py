@@ -42,7 +42,7 @@ from multifd.migration.device_state import (
     device_state_totals,
     multifd_device_state_supported,
 )
-from multifd.migration.handlers import SaveHandlers
+from multifd.migration.handlers import SaveHandler, SaveHandlers
 from multifd.migration.mainstream import MainStreamWriter
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import QEMU_10, Profile
@@ -390,9 +390,10 @@ class MigrationSource:
             main.write(encode_record(CommandRecord(Command.SWITCHOVER_START, b"")))
         rounds = itertools.count()
 
-        def before_round() -> None:
+        def before_round(left: list[SaveHandler]) -> None:
             self._check_cancel()
-            if next(rounds) == 1:  # RAM's END is out, final device-state jobs are running
+            if next(rounds) == 1 and left[0].is_live():
+                # RAM's END is out and a live handler still works (device-state jobs)
                 self._phase("device-state")
 
         self._handlers.switchover(check=before_round)
