@@ -190,6 +190,7 @@ class MigrationSource:
 
     def _run(self, addr: Any) -> None:
         was_running = self.machine.is_running
+        old_state = self.machine.state  # a failure restores it (e.g. prelaunch under -S)
         # globalstate: the destination runs the machine only if it was running here.
         self._runstate = "running" if was_running else "paused"
         paused_by_us = False
@@ -225,6 +226,8 @@ class MigrationSource:
             self.machine.set_throttle(0)  # auto-converge ends with the migration
             if paused_by_us:
                 self.machine.resume()
+            elif not self.machine.is_running and self.machine.state is not old_state:
+                self.machine.set_state(old_state)  # QEMU: runstate_set(vm_old_state)
             if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
                 self._set_status(MigrationStatus.CANCELLED)
             else:
