@@ -13,13 +13,21 @@ from contextlib import redirect_stderr, redirect_stdout
 from functools import cache
 from pathlib import Path
 
+import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from multifd.commands import inspect as inspect_cmd
 from multifd.qemu.inspect import InspectError, inspect_streams
 from tests.conftest import capture_bytes
-from tests.fuzz._harness import Seed, _channel_marks, fuzz_settings, main_seeds, mutated, run_target
+from tests.fuzz._harness import (
+    SCALE,
+    Seed,
+    _channel_marks,
+    fuzz_settings,
+    main_seeds,
+    mutated,
+    run_target,
+)
 
 MiB = 1 << 20
 # inspect rebuilds the guest RAM the stream describes: 64 MiB of pc.ram (+ ROMs) here.
@@ -113,7 +121,12 @@ def test_inspect_subprocess_one_line_error(tmp_path: Path) -> None:
     assert "m.bin" in lines[0] and "Traceback" not in res.stderr
 
 
-@fuzz_settings(1)
-@given(st.just(0))
-def test_settings_smoke(_: int) -> None:
-    """fuzz_settings works with a trivial strategy (guards the harness itself)."""
+def test_fuzz_settings_are_deterministic_for_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI replays the same examples every run (derandomized, no example database), and
+    MULTIFD_FUZZ_RANDOM=1 turns randomness back on for longer local campaigns."""
+    monkeypatch.delenv("MULTIFD_FUZZ_RANDOM", raising=False)
+    s = fuzz_settings(3)
+    assert s.derandomize is True and s.database is None and s.deadline is None
+    assert s.max_examples == max(1, int(3 * SCALE))
+    monkeypatch.setenv("MULTIFD_FUZZ_RANDOM", "1")
+    assert fuzz_settings(3).derandomize is False
