@@ -1,11 +1,10 @@
 """The destination's error names the broken connection: deterministic versions of the
-fault-matrix races (a scripted source on raw sockets, so nothing depends on timing).
+fault-matrix races (a scripted source on raw sockets, so nothing depends on timing): each
+once a bug, fixed with the test that pins it.
 
 Each test drives a `MigrationDestination` with a fake source that connects main (the
 ``QEVM`` file header only, so the loader then blocks reading main) and multifd channels
-(valid init packets), and then breaks one connection. The failures these tests expect
-are bugs in src/ today (marked xfail, strict); the fault matrix recognises the same
-signatures when its races hit them (`tests/faults/test_matrix.py:known_bug`).
+(valid init packets), and then breaks one connection.
 """
 
 from __future__ import annotations
@@ -22,12 +21,6 @@ from multifd.machine.demo import build_demo_machine
 from multifd.migration.destination import MigrationDestination
 from multifd.migration.profile import get_profile
 from multifd.wire.packet import InitPacket
-from tests.faults._bugs import (
-    BUG_ACCEPT_IGNORES_RESET,
-    BUG_CHANNEL_ERROR_LOST,
-    BUG_INIT_RESET_UNNAMED,
-    BUG_MAIN_RESET_UNNAMED,
-)
 from tests.faults._cell import params
 
 FILE_HEADER = b"QEVM" + struct.pack(">I", 3)
@@ -79,20 +72,22 @@ def _init(channel_id: int) -> bytes:
     return InitPacket(uuid=bytes(16), channel_id=channel_id).encode()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_ACCEPT_IGNORES_RESET)
-@pytest.mark.parametrize("dest", ["qemu-7.2"], indirect=True)
+@pytest.mark.parametrize("dest", ["qemu-7.2", "qemu-10"], indirect=True)
 def test_reset_during_channel_setup_is_the_error(dest: _Dest) -> None:
     """Main and channel 0 (of 2) connect, then the source dies: the destination fails
-    because of that reset, not by timing out on the missing channel 1."""
+    because of that reset, naming the connection, not by timing out on the missing
+    channel 1 (qemu-10 may not have peeked them yet: then it names the connection by its
+    accept order)."""
     main = dest.connect(FILE_HEADER)
     chan = dest.connect(_init(0))
     _rst(main)
     _rst(chan)
     assert str(dest.dst.wait(10)) == "failed"
-    assert re.search(r"reset|closed", dest.dst.error or ""), dest.dst.error
+    assert re.match(r"(the main channel|multifd connection 1|incoming connection [12] "
+                    r"\(accept order\)) was reset by the source during channel set-up"
+                    r".*\(Connection reset by peer\)", dest.dst.error or ""), dest.dst.error
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_INIT_RESET_UNNAMED)
 @pytest.mark.parametrize("dest", ["qemu-7.2"], indirect=True)
 def test_reset_before_init_packet_names_the_multifd_connection(dest: _Dest) -> None:
     """The second multifd connection is reset before its init packet (7.2 takes
@@ -105,6 +100,8 @@ def test_reset_before_init_packet_names_the_multifd_connection(dest: _Dest) -> N
     err = dest.dst.error or ""
     assert "Connection reset by peer" in err, err  # what happened ...
     assert re.search(r"multifd (channel|connection)", err), err  # ... and to what
+    assert err == ("multifd connection 2: reset by the source while reading its init "
+                   "packet (Connection reset by peer)"), err
 
 
 def _all_up(dest: _Dest) -> tuple[socket.socket, socket.socket]:
@@ -117,7 +114,6 @@ def _all_up(dest: _Dest) -> tuple[socket.socket, socket.socket]:
     return main, chan1
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_MAIN_RESET_UNNAMED)
 @pytest.mark.parametrize("dest", ["qemu-7.2", "qemu-10"], indirect=True)
 def test_main_reset_while_loading_names_the_main_channel(dest: _Dest) -> None:
     """The source resets main while the loader reads it: the error says main was reset."""
@@ -128,7 +124,6 @@ def test_main_reset_while_loading_names_the_main_channel(dest: _Dest) -> None:
     assert "Connection reset by peer" in err and "main channel" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CHANNEL_ERROR_LOST)
 @pytest.mark.parametrize("main_end", ["fin", "reset"])
 @pytest.mark.parametrize("dest", ["qemu-7.2", "qemu-10"], indirect=True)
 def test_channel_reset_while_loading_is_the_error(dest: _Dest, main_end: str) -> None:

@@ -15,8 +15,6 @@ neither before) with its state equal to the straight computation to the step it 
 at, no thread or fd left behind, and a retry to a fresh destination succeeds and verifies.
 A source paused before the migration stays paused through the failure (never resumed,
 not even for a moment) and its retry delivers a paused machine.
-A cell whose errors miss the cause in the way of a known bug (`known_bug`) is reported
-as xfail naming that bug, after every other check of the cell has passed.
 The fault is injected once the proxy has forwarded every connection (tests/faults/_cell.py).
 """
 
@@ -33,11 +31,6 @@ import pytest
 
 from multifd.migration.profile import get_profile
 from multifd.testing.faults import PHASES, open_fds, parse_fault
-from tests.faults._bugs import (
-    BUG_CHANNEL_ERROR_LOST,
-    BUG_INIT_RESET_UNNAMED,
-    BUG_MAIN_RESET_UNNAMED,
-)
 from tests.faults._cell import CellResult, run_cell
 
 PROFILES = ("qemu-10", "qemu-7.2")
@@ -51,8 +44,22 @@ CAUSE: dict[str, list[tuple[str, str]]] = {
     # "multifd channel 1 failed: ConnectionResetError: [Errno 104] Connection reset by
     # peer", or on the source after its sends are done "... (multifd channel 1: Connection
     # reset by peer)"; the other side may only see the fallout (a broken pipe on another
-    # channel, the main channel reset).
-    "reset-channel": [(r"multifd channel {n}\b[^|]*Connection reset by peer", "either")],
+    # channel, the main channel reset). At setup the destination may not know the channel's
+    # id yet: it names the connection by accept order (the source connects main, then
+    # channel 0, 1, ...; the proxy keeps the order): {conn} = N + 1 among the multifd
+    # connections, "multifd connection 2: reset by the source while reading its init
+    # packet (Connection reset by peer)" (7.2), "multifd connection 2 was reset by the
+    # source during channel set-up (Connection reset by peer), while waiting for the main
+    # channel" (10, peeked), or, on 10 when the reset beat its first bytes (the proxy
+    # resets it as soon as its init packet names it), {acc} = N + 2 among all of them,
+    # "incoming connection 3 (accept order) was reset by the source during channel
+    # set-up, before its first 4 bytes arrived (Connection reset by peer)".
+    "reset-channel": [(r"multifd channel {n}\b[^|]*Connection reset by peer"
+                       r"|(multifd connection {conn}(: reset by the source while reading its "
+                       r"init packet| was reset by the source during channel set-up)"
+                       r"|incoming connection {acc} \(accept order\) was reset by the source "
+                       r"during channel set-up, before its first 4 bytes arrived)"
+                       r" \(Connection reset by peer\)", "either")],
     # The source finds the stall itself while it still has pages for that channel
     # ("multifd channel 0 failed: SendStalled: peer stalled: no byte accepted for 5 s").
     # After the switchover, when everything fits in the socket buffers, its close of the
@@ -100,23 +107,6 @@ CELLS = [pytest.param(profile, spec, id=f"{profile}-{spec}")
          for profile in PROFILES for spec in _cells(profile)]
 
 
-def known_bug(r: CellResult) -> str | None:
-    """The known bug (tests/faults/_bugs.py; each has a deterministic, strict xfail test in
-    test_destination_errors.py) that explains how `r`'s errors miss the cause, if any.
-    Some races of the reset-channel cells run into them: the destination reports the
-    fallout, and the source's error then names only its own fallout too (e.g. "multifd
-    channel 0 failed: BrokenPipeError" for a reset channel 1)."""
-    if parse_fault(r.spec).kind != "reset-channel":
-        return None
-    loading = "active" in r.dest_statuses  # the channels were set up, the loader ran
-    if loading and r.dest_error.startswith("the main channel closed early: "):
-        return BUG_CHANNEL_ERROR_LOST
-    if r.dest_error == "[Errno 104] Connection reset by peer":
-        return (f"{BUG_CHANNEL_ERROR_LOST}; {BUG_MAIN_RESET_UNNAMED}" if loading
-                else BUG_INIT_RESET_UNNAMED)
-    return None
-
-
 def cause_problems(spec: str, source_error: str, dest_error: str) -> list[str]:
     """The `CAUSE` rules `spec`'s errors break (empty: the cause is named)."""
     fault = parse_fault(spec)
@@ -126,7 +116,9 @@ def cause_problems(spec: str, source_error: str, dest_error: str) -> list[str]:
     texts = {"source": source_error, "either": f"{source_error} | {dest_error}"}
     out = []
     for pattern, where in rules:
-        rx = pattern.format(n=fault.channel)
+        n = fault.channel
+        rx = pattern.format(n=n, conn=None if n is None else n + 1,
+                            acc=None if n is None else n + 2)
         if not re.search(rx, texts[where]):
             out.append(f"{where} error does not match {rx!r}")
     return out
@@ -145,8 +137,6 @@ def _check_failed(r: CellResult) -> None:
 def _check_cause(r: CellResult) -> None:
     """Last, after every other check of the cell passed: the errors name the cause."""
     problems = cause_problems(r.spec, r.error, r.dest_error)
-    if problems and (bug := known_bug(r)):
-        pytest.xfail(f"{bug} [source: {r.error!r}; destination: {r.dest_error!r}]")
     assert not problems, (problems, r.error, r.dest_error)
 
 
@@ -212,7 +202,9 @@ DEMO_CAUSE = {
                         r"|the destination closed the main channel",
     # the destination saw the source's connections end mid-stream
     "kill-source": r"^source process killed; destination: (the main channel closed early"
-                   r"|an incoming channel closed before sending its first 4 bytes)",
+                   r"|an incoming channel closed before sending its first 4 bytes"
+                   r"|(the main channel|multifd connection \d+) was (reset|closed) by the "
+                   r"source during channel set-up)",
     "stall-channel": r"^multifd channel {n} failed: SendStalled: peer stalled",
 }
 

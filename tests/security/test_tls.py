@@ -28,16 +28,21 @@ from multifd.migration.destination import MigrationDestination
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
 from multifd.migration.profile import get_profile
 from multifd.migration.source import MigrationSource
+from multifd.transport import tls as tls_mod
 from multifd.transport.sockets import Listener, recv_exactly_into, sendmsg_all
 from multifd.transport.tls import (
+    TlsClosedError,
     TlsConfig,
     TlsError,
     TlsSocket,
     accept_tls_channels,
+    alert_name,
     authz_allows,
+    connect_tls,
     connect_tls_channels,
     parse_authz,
     peer_identity,
+    server_context,
 )
 from multifd.transport.uri import TcpAddress, UnixAddress
 from tests.security.certs import make_ca, make_creds
@@ -145,6 +150,11 @@ def test_authz_refuses_unlisted_client(creds: Path, authz: str) -> None:
     assert "not authorized by tls-authz" in (dst.error or "")
     assert "CN=multifd-source,O=multifd tests,C=GB" in (dst.error or "")
     assert str(src.status.status) == "failed"
+    # Our destination closes without an alert after the handshake: the source can only
+    # say so, on whichever channel noticed first, and ask.
+    assert re.search(r"TLS.* the destination closed the connection .*\(did it refuse our "
+                     r"certificate(| on the main channel)\? check tls-creds / tls-authz on "
+                     r"the destination\)", src.error or ""), src.error
 
 
 def test_authz_full_dn_and_list(creds: Path) -> None:
@@ -153,12 +163,28 @@ def test_authz_full_dn_and_list(creds: Path) -> None:
     assert ok, (src.error, dst.error)
 
 
-def test_client_from_another_ca_refused(creds: Path, other_ca_client: Path) -> None:
-    src, dst, ok = _migrate(_tls(other_ca_client), _tls(creds))
+_ALERT_REFUSAL = (r"TLS: the destination refused our certificate on main channel to "
+                  r"tcp:127\.0\.0\.1:\d+ \(alert unknown_ca; check tls-creds / tls-authz on "
+                  r"the destination\)")
+
+
+@pytest.mark.parametrize("multifd", [True, False])
+def test_client_from_another_ca_refused(creds: Path, other_ca_client: Path,
+                                        multifd: bool) -> None:
+    src, dst, ok = _migrate(_tls(other_ca_client), _tls(creds), multifd=multifd)
     assert str(dst.status.status) == "failed" and not ok
     assert "TLS handshake on main channel" in (dst.error or "")
     assert "certificate" in (dst.error or "")
     assert str(src.status.status) == "failed"
+    # TLS 1.3: the source's handshake is done when the destination refuses; its alert is
+    # read and named. With multifd a channel's own handshake may hit the close first.
+    if multifd:
+        assert re.search(rf"{_ALERT_REFUSAL}|TLS handshake on multifd channel \d+ to "
+                         r"tcp:\S+ failed: the destination closed the connection \(did it "
+                         r"refuse our certificate on the main channel\? ", src.error or ""
+                         ), src.error
+    else:
+        assert re.fullmatch(_ALERT_REFUSAL, src.error or ""), src.error
 
 
 def test_expired_client_refused(creds: Path, tmp_path: Path) -> None:
@@ -394,6 +420,132 @@ def test_silent_client_handshake_times_out(creds: Path) -> None:
             accept_tls_channels(lst, 1, tls, 0.5)
         assert time.monotonic() - t0 < 2
         c.close()
+
+
+def _serve_once(lst: Listener, ctx: ssl.SSLContext, *, read: int = 0,
+                second: bool = False) -> threading.Thread:
+    """A destination that completes one server handshake, reads `read` bytes and drops the
+    connection without an alert or close_notify (QEMU refusing a certificate), or that
+    refuses in the handshake (the context's verification fails: alert); with `second`,
+    it also accepts the next connection and drops it before any handshake."""
+
+    def run() -> None:
+        raw = lst.accept(10)
+        tls = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls.settimeout(10)
+            tls.do_handshake()
+            buf = bytearray(1 << 16)
+            got = 0
+            while got < read and (n := tls.recv_into(buf)):
+                got += n
+            if second:
+                lst.accept(10).close()
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            ssl.SSLSocket.close(tls)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _write_until_error(sock: TlsSocket) -> BaseException:
+    chunk = bytes(1 << 16)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(chunk)
+        except OSError as exc:
+            return exc
+    raise AssertionError("the refused session kept taking data")
+
+
+def test_close_after_handshake_is_named_tls(creds: Path) -> None:
+    """QEMU refuses a TLS 1.3 client certificate after our handshake is done, with no alert:
+    the failing write says TLS, the channel, and asks about the certificate."""
+    tls = TlsConfig(creds, "localhost")
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        addr = lst.address
+        t = _serve_once(lst, server_context(creds))
+        main = connect_tls(addr, tls, 10)
+        err = _write_until_error(main)
+        t.join(10)
+        main.close()
+    assert isinstance(err, TlsClosedError), repr(err)
+    assert re.fullmatch(r"TLS: the destination closed the connection on main channel to "
+                        rf"{re.escape(str(addr))} after the handshake \(did it refuse "
+                        r"our certificate\? check tls-creds / tls-authz on the destination\): "
+                        r"(EOF occurred in violation of protocol \(_ssl\.c:\d+\)|Broken pipe"
+                        r"|Connection reset by peer)", str(err)), str(err)
+
+
+def test_alert_after_handshake_is_named(creds: Path, other_ca_client: Path) -> None:
+    """An OpenSSL destination refuses the certificate with an alert the source reads only
+    after its handshake: the write error names it."""
+    tls = TlsConfig(other_ca_client, "localhost")
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        addr = lst.address
+        t = _serve_once(lst, server_context(creds))
+        main = connect_tls(addr, tls, 10)
+        err = _write_until_error(main)
+        t.join(10)
+        main.close()
+    assert type(err) is TlsError, repr(err)
+    assert str(err) == (f"TLS: the destination refused our certificate on main channel to "
+                        f"{addr} (alert unknown_ca; check tls-creds / tls-authz on the "
+                        "destination)")
+
+
+def test_close_mid_stream_is_not_called_a_refusal(creds: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past what socket buffers could hold, a close is the peer going away mid-stream:
+    no certificate guess, the error stays what it was."""
+    monkeypatch.setattr(tls_mod, "_REFUSAL_WINDOW", 1 << 20)
+    tls = TlsConfig(creds, "localhost")
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        addr = lst.address
+        t = _serve_once(lst, server_context(creds), read=2 << 20)
+        main = connect_tls(addr, tls, 10)
+        err = _write_until_error(main)
+        t.join(10)
+        main.close()
+    assert not isinstance(err, TlsError), repr(err)
+
+
+def test_deferred_channel_handshake_names_channel(creds: Path) -> None:
+    """A multifd channel's handshake runs on its first write; a destination that dropped it
+    (as ours does after refusing main) is named on that channel, with the guess."""
+    tls = TlsConfig(creds, "localhost")
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        addr = lst.address
+        t = _serve_once(lst, server_context(creds), second=True)
+        main, chans = connect_tls_channels(addr, 1, tls, 10)
+        t.join(10)
+        with pytest.raises(TlsClosedError) as info:
+            chans[0].sendmsg([b"x" * 64], [], socket.MSG_DONTWAIT)
+        for s in (main, *chans):
+            ssl.SSLSocket.close(s)
+    assert re.fullmatch(r"TLS handshake on multifd channel 0 to "
+                        rf"{re.escape(str(addr))} failed: the destination closed the "
+                        r"connection \(did it refuse our certificate on the main channel\? "
+                        r"check tls-creds / tls-authz on the destination\): .+",
+                        str(info.value)), str(info.value)
+
+
+def test_alert_name() -> None:
+    def err(reason: str | None) -> ssl.SSLError:
+        e = ssl.SSLError(1, "x")
+        e.reason = reason  # type: ignore[misc]
+        return e
+
+    assert alert_name(err("TLSV13_ALERT_CERTIFICATE_REQUIRED")) == "certificate_required"
+    assert alert_name(err("SSLV3_ALERT_BAD_CERTIFICATE")) == "bad_certificate"
+    assert alert_name(err("TLSV1_ALERT_UNKNOWN_CA")) == "unknown_ca"
+    assert alert_name(err("CERTIFICATE_VERIFY_FAILED")) is None
+    assert alert_name(err(None)) is None
+    assert alert_name(OSError("TLSV1_ALERT_UNKNOWN_CA")) is None
 
 
 def test_authz_parsing_and_identity() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,120 @@ def test_profile_object_accepted(listener: Listener) -> None:
     assert recv_exactly(dmain, 4) == QEVM
     for s in [*socks, dmain, *dchans]:
         s.close()
+
+
+# -- a source that gives up during set-up: taken connections are watched -----------------
+
+def _rst(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _in_thread(accept: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    """Run `accept` in a thread; `out` gets its result ("v") or error ("exc"), and the
+    seconds it took ("s")."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["v"] = accept()
+        except Exception as exc:
+            out["exc"] = exc
+        out["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _accept_in_thread(listener: Listener, n: int,
+                      profile: str) -> tuple[threading.Thread, dict[str, object]]:
+    return _in_thread(lambda: accept_channels(listener, n, profile, 10))
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+def test_reset_of_taken_connection_fails_at_once(profile: str) -> None:
+    """Main and multifd channel 0 (of 2) connect with their first bytes, then the source
+    resets channel 0: the set-up fails naming it, long before the 10 s accept timeout."""
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        t, out = _accept_in_thread(lst, 2, profile)
+        socks = _connect_in_order(lst.address, [("main", 0), ("multifd", 0)])
+        _rst(socks[1])
+        t.join(10)
+        exc = out.get("exc")
+        assert isinstance(exc, ChannelError), out
+        # qemu-10 names it by accept order if the reset came before its peek
+        assert re.fullmatch(r"(multifd connection 1|incoming connection 2 \(accept order\)) "
+                            r"was reset by the source during channel set-up"
+                            r"(, before its first 4 bytes arrived)? \(Connection reset by "
+                            r"peer\)(, while waiting for 1 more multifd channel)?",
+                            str(exc)), exc
+        assert float(out["s"]) < 5  # type: ignore[arg-type]
+        socks[0].close()
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+def test_reset_of_main_fails_at_once(profile: str) -> None:
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        t, out = _accept_in_thread(lst, 1, profile)
+        (main,) = _connect_in_order(lst.address, [("main", 0)], delay=0.1)
+        _rst(main)
+        t.join(10)
+        assert str(out.get("exc")) == (
+            "the main channel was reset by the source during channel set-up (Connection "
+            "reset by peer), while waiting for 1 more multifd channel"), out
+
+
+def test_qemu72_taken_connection_closed_before_a_byte(listener: Listener) -> None:
+    """7.2 takes connections by order, before any byte: one the source closes without
+    sending anything fails the set-up at once (EOF, told apart from data by MSG_PEEK)."""
+    t, out = _accept_in_thread(listener, 2, "qemu-7.2")
+    connect(listener.address, 5).close()
+    t.join(10)
+    assert str(out.get("exc")) == (
+        "the main channel was closed by the source during channel set-up, before sending a "
+        "byte, while waiting for 2 more multifd channels"), out
+    assert float(out["s"]) < 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+def test_taken_connection_ended_after_its_bytes_is_not_an_error(
+        listener: Listener, profile: str) -> None:
+    """A source may end a connection once it sent all it had (a finished source closes
+    its channels): while the rest are awaited that is no failure, and the bytes are kept."""
+    t, out = _accept_in_thread(listener, 2, profile)
+    (main,) = _connect_in_order(listener.address, [("main", 7)])
+    main.shutdown(socket.SHUT_WR)
+    time.sleep(0.1)  # the accept loop sees the end while it still waits for the others
+    chans = _connect_in_order(listener.address, [("multifd", 0), ("multifd", 1)])
+    t.join(10)
+    assert "v" in out, out
+    dmain, dchans = out["v"]  # type: ignore[misc]
+    assert recv_exactly(dmain, 8) == _hello("main", 7)
+    dmain.settimeout(2)
+    assert dmain.recv(1) == b""
+    assert [bytes(recv_exactly(c, 8)) for c in dchans] == [_hello("multifd", 0),
+                                                          _hello("multifd", 1)]
+    for s in [main, *chans, dmain, *dchans]:
+        s.close()
+
+
+def test_tls_reset_of_taken_main_fails_at_once(tmp_path: Path) -> None:
+    """Under TLS (channels by order): the source resets main after its handshake while the
+    destination waits for the multifd connections."""
+    from multifd.transport.tls import TlsConfig, accept_tls_channels, connect_tls
+    from tests.security.certs import make_creds
+
+    make_creds(tmp_path)
+    tls = TlsConfig(tmp_path, "localhost")
+    with Listener(TcpAddress("127.0.0.1", 0)) as lst:
+        t, out = _in_thread(lambda: accept_tls_channels(lst, 2, tls, 10))
+        main = connect_tls(lst.address, tls, 5)
+        time.sleep(0.2)  # the server has finished its side of the handshake
+        _rst(main)
+        t.join(10)
+        assert str(out.get("exc")) == (
+            "the main channel was reset by the source during channel set-up (Connection "
+            "reset by peer), while waiting for 2 more multifd channels"), out
+        assert float(out["s"]) < 5  # type: ignore[arg-type]

@@ -308,6 +308,7 @@ class DeviceStateSaveHandler(DeviceSaveHandler):
                 data = self.device.save_state()
                 self.full_size = 4 + len(data)
                 self._section(SectionType.FULL, data)
+            return False  # the job runs meanwhile; the next rounds wait for it
         self.done = p.wait(_POLL_S)
         return self.done
 

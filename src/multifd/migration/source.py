@@ -624,6 +624,8 @@ def _main_sender(sock: Any) -> Callable[[Sequence[Any]], None]:
             sendmsg_all(sock, bufs)
         except OSError as exc:
             what = exc.strerror or str(exc) or type(exc).__name__
+            if "main channel" in what:  # the transport named it already (TLS errors)
+                raise
             raise ConnectionError(f"main channel: {what}") from exc
 
     return send

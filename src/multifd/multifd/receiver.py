@@ -20,6 +20,7 @@ an older copy of a page can never land after a newer one.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -192,6 +193,7 @@ class Receiver:
         self._cv = threading.Condition(self._mu)
         self._chans: dict[int, RecvChannel] = {}
         self._n_at_sync = 0
+        self._handed = 0  # sockets passed to add_channel: numbers them in its errors
         self._error: MultifdError | None = None
         self._stopping = False
         self._closed = False
@@ -209,14 +211,29 @@ class Receiver:
         channels, id not yet used), then start its receive thread. Returns the id.
 
         On a validation error the WireError/MultifdError propagates and the socket is left
-        to the caller (QEMU fails the migration then)."""
+        to the caller (QEMU fails the migration then). Until its init packet is read a
+        connection has no channel id, so read errors name it "multifd connection N": N
+        counts the sockets handed to this Receiver from 1 (the destination hands them
+        over in accept order), so the operator can tell which one the source broke."""
+        with self._mu:
+            self._handed += 1
+            conn = self._handed
         buf = bytearray(MULTIFD_INIT_PACKET_SIZE)
         old = sock.gettimeout()
         sock.settimeout(timeout)
         try:
             recv_exact_into(sock, memoryview(buf))
         except TimeoutError:
-            raise MultifdError("multifd channel: timed out reading the init packet") from None
+            after = f" after {timeout:g} s" if timeout is not None else ""
+            raise MultifdError(f"multifd connection {conn}: timed out reading its init "
+                               f"packet{after}") from None
+        except Truncated as exc:
+            raise Truncated(f"multifd connection {conn}: closed by the source while reading "
+                            "its init packet", field=exc.field, value=exc.value) from None
+        except OSError as exc:
+            cause = "reset by the source" if exc.errno == errno.ECONNRESET else "failed"
+            raise MultifdError(f"multifd connection {conn}: {cause} while reading its init "
+                               f"packet ({exc.strerror or exc})") from exc
         finally:
             sock.settimeout(old)
         pkt = InitPacket.decode(bytes(buf))

@@ -58,7 +58,9 @@ from multifd.transport.channels import ChannelError, accept_channels, connect_ch
 from multifd.transport.exec import open_stream
 from multifd.transport.sockets import Listener, connect, sendmsg_all
 from multifd.transport.tls import (
+    TlsClosedError,
     TlsConfig,
+    TlsError,
     accept_tls,
     accept_tls_channels,
     connect_tls,
@@ -549,8 +551,15 @@ def migrate_to_qemu(
                         f"after everything was sent{hint}") from None
     except TimeoutError:
         raise PeerError(f"the destination stopped reading for {timeout:g} s{hint}") from None
+    except TlsClosedError as e:  # maybe a certificate refusal: the other suspects stay
+        raise PeerError(f"{e}{hint}") from None
+    except TlsError as e:  # it names the channel and what TLS saw: no multifd hint
+        raise PeerError(str(e)) from None
     except MultifdError as e:
         text = str(e)
+        tls_text = _tls_failure(text, hint)
+        if tls_text is not None:
+            raise PeerError(tls_text) from None
         if "timed out" in text:
             raise PeerError(f"the destination stopped reading multifd data for "
                             f"{timeout:g} s{hint}") from None
@@ -579,6 +588,17 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, WireError):
         return e.describe()
     return str(e) or type(e).__name__
+
+
+def _tls_failure(text: str, hint: str) -> str | None:
+    """A channel's TLS failure as the Sender words it ("multifd channel N failed:
+    TlsError: ...") in the words of the main channel's: a close that may be a certificate
+    refusal keeps ``hint`` (other causes look the same), a named TLS failure drops it."""
+    for name, keep_hint in (("TlsClosedError", True), ("TlsError", False)):
+        tag = f": {name}: "
+        if tag in text:
+            return text.replace(tag, ": ", 1) + (hint if keep_hint else "")
+    return None
 
 
 def _count_hint(channels: int) -> str:

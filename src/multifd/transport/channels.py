@@ -14,28 +14,37 @@ Destination:
 
 Every wait shares one deadline. Connections beyond the expected count are closed with an
 error logged. Multifd sockets come back in accept order; their init packets tell the ids.
+While it waits for the rest, the connections already taken are watched (`SetupWatch`): a
+source that resets one, or closes one before sending a byte, has given up, and the set-up
+fails at once naming that connection instead of timing out on the missing channels.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
 import select
-import selectors
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from multifd.transport.sockets import Listener, connect
 from multifd.transport.uri import TcpAddress, UnixAddress
 
-__all__ = ["ChannelError", "accept_channels", "classify_magic", "connect_channels"]
+__all__ = ["ChannelError", "SetupWatch", "accept_channels", "classify_magic",
+           "connect_channels"]
 
 log = logging.getLogger(__name__)
 
 QEVM_MAGIC = 0x5145564D
 MULTIFD_MAGIC = 0x11223344
 _PEEK_PROFILES = {"qemu-7.2": False, "qemu-10": True}
+_RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer shut down its sending side
+_WAKE_S = 0.25  # longest single poll: a listener closed by another thread (cancel) is seen
 
 
 class ChannelError(ConnectionError):
@@ -97,68 +106,177 @@ def connect_channels(
     return main, chans
 
 
+class SetupWatch:
+    """Polls a listener and the connections an accept loop has already taken.
+
+    Why: while the loop waits for the remaining channels, a source that resets a taken
+    connection, or closes it before sending a byte, has given up on the migration; waiting
+    on until the accept timeout would report the missing channels instead of that cause.
+    A taken connection's bytes are never consumed: data arriving on it is normal, so only
+    POLLRDHUP / POLLERR / POLLHUP wake the loop for it, and an EOF is told apart from
+    queued data with MSG_PEEK. A connection the source ended after sending its first bytes
+    is not a failure by itself (a finished source closes its channels; whoever reads those
+    bytes finds out whether they are whole): it stops being watched for that.
+    """
+
+    def __init__(self, listener: Listener, waiting_for: Callable[[], str]) -> None:
+        self._listener = listener
+        self._waiting_for = waiting_for  # e.g. "1 more multifd channel", for the error
+        self._listen_fd = listener.fileno()
+        self._poll = select.poll()
+        self._poll.register(self._listen_fd, select.POLLIN)
+        self._taken: dict[int, tuple[socket.socket, Callable[[], str]]] = {}
+
+    def register(self, conn: socket.socket, events: int) -> None:
+        """Poll `conn` (not taken yet, e.g. waiting to be peeked) for `events` too."""
+        self._poll.register(conn, events)
+
+    def unregister(self, conn: socket.socket) -> None:
+        self._poll.unregister(conn)
+
+    def take(self, conn: socket.socket, label: Callable[[], str]) -> None:
+        """Watch `conn` until the loop ends; `label()` names it in the error."""
+        self._poll.register(conn, _RDHUP)  # POLLERR/POLLHUP are always reported
+        self._taken[conn.fileno()] = (conn, label)
+
+    def wait(self, timeout: float) -> list[tuple[int, int]]:
+        """Wait up to `timeout` s (at most `_WAKE_S`); returns the (fd, events) of the
+        listener and the registered connections. Raises ChannelError when the source
+        reset or closed a taken connection, OSError when the listener was closed."""
+        if self._listener.fileno() < 0:
+            raise OSError(errno.EBADF, "the migration listener was closed during set-up")
+        events = dict(self._poll.poll(math.ceil(min(timeout, _WAKE_S) * 1000)))
+        if events.get(self._listen_fd, 0) & select.POLLNVAL:
+            raise OSError(errno.EBADF, "the migration listener was closed during set-up")
+        for fd, (conn, label) in list(self._taken.items()):  # in taking order: main first
+            ev = events.pop(fd, 0)
+            why = self._lost(fd, conn, ev) if ev else None
+            if why is not None:
+                what, detail = why
+                raise ChannelError(f"{label()} {what} during channel set-up{detail}, while "
+                                   f"waiting for {self._waiting_for()}")
+        return list(events.items())
+
+    def _lost(self, fd: int, conn: socket.socket, ev: int) -> tuple[str, str] | None:
+        """What the source did to taken connection `conn`, and how (None: nothing fatal)."""
+        if ev & select.POLLNVAL:  # closed under us: nothing left to watch
+            self._forget(fd)
+            return None
+        if ev & select.POLLERR:
+            err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                return _failed(err)
+        try:  # the raw transport, also under TLS (whose own recv never peeks)
+            head = socket.socket.recv(conn, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return _failed(exc.errno or 0, exc)
+        pending = getattr(conn, "pending", None)  # TLS: plaintext already decrypted
+        if not head and not (pending is not None and pending()):
+            return "was closed by the source", ", before sending a byte"
+        # Ended after its first bytes: level-triggered, so stop asking about the end.
+        if ev & select.POLLHUP:
+            self._forget(fd)
+        else:
+            self._poll.modify(fd, 0)  # a later reset still reports POLLERR/POLLHUP
+        return None
+
+    def _forget(self, fd: int) -> None:
+        del self._taken[fd]
+        try:
+            self._poll.unregister(fd)
+        except KeyError:
+            pass
+
+
+def _failed(err: int, exc: OSError | None = None) -> tuple[str, str]:
+    text = f" ({os.strerror(err) if err else exc})"
+    return ("was reset by the source", text) if err == errno.ECONNRESET else ("failed", text)
+
+
+def _waiting_text(need_main: bool, missing: int) -> str:
+    parts = ["the main channel"] if need_main else []
+    if missing:
+        parts.append(f"{missing} more multifd channel{'s' if missing > 1 else ''}")
+    return " and ".join(parts) or "nothing"
+
+
 def accept_channels(
     listener: Listener, n_multifd: int, profile: Any, timeout: float
 ) -> tuple[socket.socket, list[socket.socket]]:
-    """Accept main + ``n_multifd`` multifd connections per ``profile``, within ``timeout``."""
+    """Accept main + ``n_multifd`` multifd connections per ``profile``, within ``timeout``.
+
+    Taken connections are watched while the rest are awaited (`SetupWatch`); "multifd
+    connection N" in its errors counts multifd connections from 1 in accept order (their
+    ids are in init packets nobody has read yet)."""
     _check_count(n_multifd)
     peek = _peeks(profile) and n_multifd > 0
     start = time.monotonic()
     deadline = start + timeout
     main: socket.socket | None = None
     multifd: list[tuple[int, socket.socket]] = []
-    pending: dict[socket.socket, int] = {}  # accepted, first bytes not seen yet -> seq
+    pending: dict[int, tuple[socket.socket, int]] = {}  # fd -> (conn, seq): not peeked yet
     seq = 0
 
     def close_all() -> None:
-        for s in [*pending, *(s for _, s in multifd), *([main] if main else [])]:
+        for s in [*(c for c, _ in pending.values()), *(s for _, s in multifd),
+                  *([main] if main else [])]:
             s.close()
 
-    with selectors.DefaultSelector() as sel:
-        sel.register(listener.fileno(), selectors.EVENT_READ, None)
-        try:
-            while main is None or len(multifd) < n_multifd:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _timeout_error(main is not None, n_multifd, len(multifd), timeout)
-                for key, _ in sel.select(remaining):
-                    if key.data is None:
-                        conn = listener.accept_nowait()
-                        if conn is None:
-                            continue
-                        seq += 1
-                        if not peek:
-                            if main is None:
-                                main = conn
-                            elif len(multifd) < n_multifd:
-                                multifd.append((seq, conn))
-                            else:
-                                _refuse(conn, "more connections than 1 main + "
-                                        f"{n_multifd} multifd channels")
-                            continue
-                        pending[conn] = seq
-                        sel.register(conn, selectors.EVENT_READ, seq)
-                    else:
-                        conn = key.fileobj
-                        assert isinstance(conn, socket.socket)
-                        kind = _peek_kind(conn)
-                        if kind is None:
-                            continue  # fewer than 4 bytes so far
-                        sel.unregister(conn)
-                        del pending[conn]
-                        if kind == "main":
-                            if main is None:
-                                main = conn
-                            else:
-                                _refuse(conn, "a second main channel (QEVM)")
+    def multifd_label(s: int) -> Callable[[], str]:
+        # by accept order among the multifd connections known when the error is raised
+        return lambda: f"multifd connection {1 + sum(q < s for q, _ in multifd)}"
+
+    watch = SetupWatch(listener, lambda: _waiting_text(main is None,
+                                                       n_multifd - len(multifd)))
+    listen_fd = listener.fileno()
+    try:
+        while main is None or len(multifd) < n_multifd:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timeout_error(main is not None, n_multifd, len(multifd), timeout)
+            for fd, _ in watch.wait(remaining):
+                if fd == listen_fd:
+                    conn = listener.accept_nowait()
+                    if conn is None:
+                        continue
+                    seq += 1
+                    if not peek:
+                        if main is None:
+                            main = conn
+                            watch.take(conn, lambda: "the main channel")
                         elif len(multifd) < n_multifd:
-                            multifd.append((key.data, conn))
+                            multifd.append((seq, conn))
+                            watch.take(conn, multifd_label(seq))
                         else:
-                            _refuse(conn, f"more than {n_multifd} multifd channels")
-        except BaseException:
-            close_all()
-            raise
-    for conn in pending:
+                            _refuse(conn, "more connections than 1 main + "
+                                    f"{n_multifd} multifd channels")
+                        continue
+                    pending[conn.fileno()] = (conn, seq)
+                    watch.register(conn, select.POLLIN)
+                elif fd in pending:
+                    conn, cseq = pending[fd]
+                    kind = _peek_kind(conn, cseq)
+                    if kind is None:
+                        continue  # fewer than 4 bytes so far
+                    watch.unregister(conn)
+                    del pending[fd]
+                    if kind == "main":
+                        if main is None:
+                            main = conn
+                            watch.take(conn, lambda: "the main channel")
+                        else:
+                            _refuse(conn, "a second main channel (QEVM)")
+                    elif len(multifd) < n_multifd:
+                        multifd.append((cseq, conn))
+                        watch.take(conn, multifd_label(cseq))
+                    else:
+                        _refuse(conn, f"more than {n_multifd} multifd channels")
+    except BaseException:
+        close_all()
+        raise
+    for conn, _ in pending.values():
         _refuse(conn, "a connection beyond the expected channels")
     # Refuse connections already queued beyond the expected count.
     while (extra := listener.accept_nowait()) is not None:
@@ -170,13 +288,19 @@ def accept_channels(
     return main, [conn for _, conn in multifd]
 
 
-def _peek_kind(conn: socket.socket) -> str | None:
+def _peek_kind(conn: socket.socket, seq: int) -> str | None:
     try:
         head = conn.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:
-        raise ChannelError(f"reading the first bytes of an incoming channel failed: {exc}") from exc
+        if exc.errno == errno.ECONNRESET:
+            raise ChannelError(
+                f"incoming connection {seq} (accept order) was reset by the source during "
+                f"channel set-up, before its first 4 bytes arrived ({exc.strerror})"
+            ) from exc
+        raise ChannelError(f"reading the first bytes of incoming connection {seq} (accept "
+                           f"order) failed: {exc}") from exc
     if not head:
         raise ChannelError("an incoming channel closed before sending its first 4 bytes")
     if len(head) < 4:

@@ -25,20 +25,30 @@ core needs no TLS branches. It never falls back to plaintext once the session is
 closes with a close_notify (without waiting for the peer's; QEMU 10 terminates cleanly
 too), and treats an EOF without close_notify as end of stream, as QEMU 7.2 sources never
 send one.
+
+Refusals are named. With TLS 1.3 the server checks the client certificate after the
+client's side of the handshake is done, so a refusal reaches the source only as the
+failure of a later write (or of connecting the next channel): an alert the peer sent
+(``unknown_ca``, ``certificate_required``, ...) is read and named, and an EOF without one
+early in the session (QEMU closes without an alert) is reported as a TLS close on that
+channel that may be a certificate refusal, never as a bare "EOF occurred in violation of
+protocol".
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multifd.transport.channels import SetupWatch
 from multifd.transport.sockets import Listener, connect
 from multifd.transport.uri import Address, TcpAddress, UnixAddress
 
@@ -50,12 +60,14 @@ __all__ = [
     "HANDSHAKE_TIMEOUT_S",
     "SERVER_CERT",
     "SERVER_KEY",
+    "TlsClosedError",
     "TlsConfig",
     "TlsError",
     "TlsSocket",
     "accept_tls",
     "accept_tls_channels",
     "add_tls_arguments",
+    "alert_name",
     "authz_allows",
     "client_context",
     "connect_tls",
@@ -81,6 +93,17 @@ CLIENT_KEY = "client-key.pem"
 HANDSHAKE_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 5.0  # a write making no progress this long: dead or stalled peer
 _COALESCE = 64 * 1024  # smaller buffers are joined so one SSL_write fills whole records
+# A peer that refuses us right after the handshake reads nothing, so no more than the
+# socket buffers hold (a few MiB) can have been written before the session fails; an EOF
+# later than this is a peer going away mid-stream, not a refusal.
+_REFUSAL_WINDOW = 32 << 20
+
+# Alerts a peer sends when it will not accept the certificate we presented (RFC 8446 6.2).
+_CERT_ALERTS = frozenset({
+    "bad_certificate", "unsupported_certificate", "certificate_revoked",
+    "certificate_expired", "certificate_unknown", "unknown_ca", "access_denied",
+    "certificate_required",
+})
 
 # RFC 4514 short names, as gnutls prints a distinguished name (and so QEMU's authz sees it).
 _DN_NAMES = {
@@ -92,6 +115,12 @@ _DN_NAMES = {
 
 class TlsError(ConnectionError):
     """TLS set-up failed: missing credentials, handshake, verification or authorization."""
+
+
+class TlsClosedError(TlsError):
+    """The peer dropped the session early without an alert: perhaps it refused our
+    certificate, perhaps something else (a QEMU destination rejecting a multifd init
+    packet looks the same), so callers keep their own hints next to this guess."""
 
 
 # -- credentials and contexts ------------------------------------------------------------
@@ -228,17 +257,161 @@ def _closed_error(op: str) -> OSError:
     return OSError(errno.ENOTCONN, f"TLS session closed ({op})")
 
 
+def alert_name(exc: BaseException) -> str | None:
+    """The alert the peer sent, from OpenSSL's reason (``TLSV1_ALERT_UNKNOWN_CA`` ->
+    ``unknown_ca``), so errors can say what the peer objected to; None if it is no alert."""
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    if not isinstance(reason, str):
+        return None
+    head, sep, name = reason.partition("_ALERT_")
+    if not sep or not head.startswith(("SSLV3", "TLSV1")) or not name:
+        return None
+    return name.lower()
+
+
+def _peer_role(sock: ssl.SSLSocket) -> tuple[str, str]:
+    """(the peer's name, the settings to check there): a TLS client here is always the
+    migration source, so its peer is the destination, and the other way round."""
+    if sock.server_side:
+        return "source", "tls-creds / tls-hostname on the source"
+    return "destination", "tls-creds / tls-authz on the destination"
+
+
+def _alert_text(sock: ssl.SSLSocket, alert: str, where: str = "") -> str:
+    peer, check = _peer_role(sock)
+    if alert in _CERT_ALERTS:
+        return f"the {peer} refused our certificate{where} (alert {alert}; check {check})"
+    return f"the {peer} sent alert {alert}{where}"
+
+
+# The ways our I/O learns that the peer ended the session without a close_notify.
+_PEER_GONE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError, ConnectionResetError)
+
+
+def _handshake_error(sock: ssl.SSLSocket, exc: BaseException, what: str, *,
+                     after_main: bool = False) -> TlsError:
+    """One line for a failed handshake, naming the channel and, when the peer sent one,
+    the alert (a TLS 1.2 server refuses a client certificate inside the handshake).
+
+    ``after_main``: a multifd channel's deferred handshake, run once main's is done. A
+    destination that refused our certificate on main drops the channels queued behind it
+    mid-handshake, so their EOF or reset hints at that; on main itself an EOF comes before
+    our certificate was even sent, so it hints at nothing.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TlsError(f"TLS handshake on {what} failed: certificate verify failed: "
+                        f"{exc.verify_message or exc.reason}")
+    alert = alert_name(exc)
+    if alert in _CERT_ALERTS:
+        return TlsError(f"TLS handshake on {what} failed: {_alert_text(sock, alert)}")
+    if after_main and isinstance(exc, _PEER_GONE):
+        peer, check = _peer_role(sock)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return TlsClosedError(
+            f"TLS handshake on {what} failed: the {peer} closed the connection (did it "
+            f"refuse our certificate on the main channel? check {check}): "
+            f"{detail or type(exc).__name__}")
+    return TlsError(f"TLS handshake on {what} failed: {exc}")
+
+
 class TlsSocket(ssl.SSLSocket):
     """An SSLSocket with the multifd core's socket calls; never plaintext after shutdown."""
 
+    _what = "channel"  # which channel, for errors: "main channel to tcp:h:p", ...
+    _established = False  # handshake seen complete (skips the check on every write)
+    _app_sent = 0  # plaintext bytes written: tells a refusal from a mid-stream close
+    _behind_main = False  # a multifd channel: its handshake is deferred, main's is done
+
     def _write_all(self, data: Any) -> None:
         view = memoryview(data).cast("B")
+        if not self._established:
+            self._finish_handshake()
         while len(view):
             try:
                 n = self.write(view)
             except ValueError as exc:  # the session is gone (shutdown from another thread)
                 raise _closed_error("write") from exc
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except (ssl.SSLError, *_PEER_GONE) as exc:
+                err = self.explain_close(exc)
+                if err is None:
+                    raise
+                raise err from exc
+            self._app_sent += n
             view = view[n:]
+
+    def _finish_handshake(self) -> None:
+        """Run a deferred handshake (`connect_tls_channels`) before the first write, so
+        that its failures name the channel and the alert like the main channel's do."""
+        if self._sslobj is None:
+            return  # the write raises the "session closed" error
+        if self.version() is None:
+            try:
+                self.do_handshake()
+            except (TimeoutError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # the caller's stall bound words these
+            except (ssl.SSLError, OSError) as exc:
+                raise _handshake_error(self, exc, self._what,
+                                       after_main=self._behind_main) from exc
+        self._established = True
+
+    def _pending_alert(self) -> str | None:
+        """The alert the peer sent before it left, if it is already here to read: after a
+        TLS 1.3 handshake the refusal of our certificate waits unread behind us (a source
+        never reads), and the write that fails only sees the EOF or reset behind it."""
+        sslobj = self._sslobj  # another thread may drop it (abort): keep our reference
+        if sslobj is None:
+            return None
+        old = self.gettimeout()
+        try:
+            self.settimeout(0)
+            sslobj.read(1)
+        except ssl.SSLError as exc:
+            return alert_name(exc)
+        except (OSError, ValueError):
+            return None
+        finally:
+            if self._sslobj is not None:
+                with contextlib.suppress(OSError):
+                    self.settimeout(old)
+        return None
+
+    def _peer_closed(self) -> bool:
+        """The peer has closed or reset the transport (a raw peek that never blocks)."""
+        try:
+            return socket.socket.recv(self, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except OSError:
+            return False  # no data yet (EAGAIN), or our own socket is gone: not the peer
+
+    def explain_close(self, exc: BaseException) -> TlsError | None:
+        """A TLS explanation for ``exc`` (our I/O failed, e.g. a write or connecting the
+        next channel) when this established session shows why: an alert the peer sent, or
+        an EOF early in the session, which is how QEMU refuses a certificate under TLS 1.3
+        (only a guess then: `TlsClosedError`). None: nothing TLS to add, keep ``exc``."""
+        if not self._established and self.version() is None:
+            return None
+        self._established = True
+        alert = alert_name(exc) or self._pending_alert()
+        peer, check = _peer_role(self)
+        if alert is not None:
+            text = _alert_text(self, alert, f" on {self._what}")
+            if alert not in _CERT_ALERTS:
+                text += f": {exc}"
+            return TlsError(f"TLS: {text}")
+        gone = isinstance(exc, _PEER_GONE)
+        if isinstance(exc, ssl.SSLError) and not gone:
+            return None  # a local TLS failure: its own text says it
+        if self._app_sent > _REFUSAL_WINDOW or not (gone or self._peer_closed()):
+            return None  # a close mid-stream, or the session is fine: not about TLS
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        then = ": " if gone else "; then: "  # our own failure, or another that led here
+        return TlsClosedError(
+            f"TLS: the {peer} closed the connection on {self._what} after the handshake "
+            f"(did it refuse our certificate? check {check}){then}"
+            f"{detail or type(exc).__name__}")
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         if flags:
@@ -391,16 +564,15 @@ class TlsSocket(ssl.SSLSocket):
 
 # -- wrapping ----------------------------------------------------------------------------
 def _handshake(sock: TlsSocket, timeout: float, what: str) -> None:
+    sock._what = what
     sock.settimeout(max(0.001, timeout))
     try:
         sock.do_handshake()
     except TimeoutError as exc:
         raise TlsError(f"TLS handshake on {what} timed out after {timeout:g} s") from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise TlsError(f"TLS handshake on {what} failed: certificate verify failed: "
-                       f"{exc.verify_message or exc.reason}") from exc
     except (ssl.SSLError, OSError) as exc:
-        raise TlsError(f"TLS handshake on {what} failed: {exc}") from exc
+        raise _handshake_error(sock, exc, what) from exc
+    sock._established = True
     sock.settimeout(None)
 
 
@@ -516,7 +688,9 @@ def connect_tls_channels(addr: TcpAddress | UnixAddress, n_multifd: int, tls: Tl
     A channel's handshake runs on its first write, in its own sender thread, right before
     its MultiFDInit_t, as QEMU's sources do: a QEMU 7.2 destination reads each channel's
     init packet in its main loop, blocking the next channel's handshake until it arrives.
-    Handshake and verification errors therefore surface from the first send.
+    Handshake and verification errors therefore surface from the first send, naming
+    "multifd channel N". A channel that cannot connect because the destination refused
+    main (and stopped listening) is reported as that refusal (`TlsSocket.explain_close`).
     """
     if not 0 <= n_multifd <= 255:
         raise ValueError(f"n_multifd must be between 0 and 255, got {n_multifd}")
@@ -530,14 +704,24 @@ def connect_tls_channels(addr: TcpAddress | UnixAddress, n_multifd: int, tls: Tl
             if left <= 0:
                 raise TimeoutError(f"connecting multifd channels to {addr}: {i} of "
                                    f"{n_multifd} up after {timeout:g} s")
-            sock = connect(addr, left)
+            try:
+                sock = connect(addr, left)
+            except OSError as exc:
+                err = main.explain_close(exc)
+                if err is None:
+                    raise
+                raise err from exc
             try:  # handshake deferred to the channel thread's first write (see above)
-                chans.append(ctx.wrap_socket(sock, server_side=False,  # type: ignore[arg-type]
-                                             server_hostname=tls.peer_hostname(addr),
-                                             do_handshake_on_connect=False))
+                chan = ctx.wrap_socket(sock, server_side=False,
+                                       server_hostname=tls.peer_hostname(addr),
+                                       do_handshake_on_connect=False)
             except BaseException:
                 sock.close()
                 raise
+            assert isinstance(chan, TlsSocket)
+            chan._what = f"multifd channel {i} to {addr}"
+            chan._behind_main = True
+            chans.append(chan)
     except BaseException:
         for s in chans:
             super(TlsSocket, s).close()
@@ -555,12 +739,18 @@ def accept_tls(listener: Listener, tls: TlsConfig, timeout: float,
     return wrap_server(conn, ctx, tls.authz, max(0.001, deadline - time.monotonic()), what)
 
 
+def _named(text: str) -> Callable[[], str]:
+    return lambda: text
+
+
 def accept_tls_channels(listener: Listener, n_multifd: int, tls: TlsConfig,
                         timeout: float) -> tuple[TlsSocket, list[TlsSocket]]:
     """First connection is main, the next ``n_multifd`` are multifd (order, not peeking).
 
     Handshakes run one at a time in accept order, each bounded by what is left of
     ``timeout``. A failed handshake or authorization fails the whole set-up, like QEMU.
+    While waiting for the next connection, those already taken are watched
+    (`SetupWatch`): one the source resets fails the set-up at once, naming it.
     Connections queued beyond the expected count are refused.
     """
     if not 0 <= n_multifd <= 255:
@@ -568,18 +758,26 @@ def accept_tls_channels(listener: Listener, n_multifd: int, tls: TlsConfig,
     ctx = tls.server()
     deadline = time.monotonic() + timeout
     got: list[TlsSocket] = []
+
+    def waiting_for() -> str:
+        missing = n_multifd + 1 - len(got)  # main is taken first: the rest are multifd
+        return f"{missing} more multifd channel{'s' if missing > 1 else ''}"
+
+    watch = SetupWatch(listener, waiting_for)
     try:
         for i in range(n_multifd + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"expected 1 main + {n_multifd} multifd channels, got "
-                                   f"{len(got)} after {timeout:g} s")
             what = "main channel" if i == 0 else f"multifd connection {i}"
-            try:
-                got.append(accept_tls(listener, tls, left, ctx, what))
-            except TimeoutError:
-                raise TimeoutError(f"expected 1 main + {n_multifd} multifd channels, got "
-                                   f"{len(got)} after {timeout:g} s") from None
+            conn = None
+            while conn is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"expected 1 main + {n_multifd} multifd channels, "
+                                       f"got {len(got)} after {timeout:g} s")
+                if watch.wait(left):  # only the listener is registered besides `got`
+                    conn = listener.accept_nowait()
+            got.append(wrap_server(conn, ctx, tls.authz,
+                                   max(0.001, deadline - time.monotonic()), what))
+            watch.take(got[-1], _named("the main channel" if i == 0 else what))
     except BaseException:
         for s in got:
             super(TlsSocket, s).close()
