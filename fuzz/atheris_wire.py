@@ -45,13 +45,16 @@ MiB = 1 << 20
 # -- targets ------------------------------------------------------------------------------
 def _targets() -> dict[str, Callable[[bytes], object]]:
     """Target name -> driver. Imported lazily: under atheris, after instrumentation."""
-    from tests.fuzz.test_fuzz_wire import _drain_channel, _drain_main, _drain_ram_records
+    from tests.fuzz.test_fuzz_wire import (
+        _decode_headers_at,
+        _drain_channel,
+        _drain_main,
+        _drain_ram_records,
+    )
 
     from multifd.qemu.inspect import inspect_streams
     from multifd.wire.constants import PacketLayout
-    from multifd.wire.devstate import DeviceStateBufferHeader
     from multifd.wire.errors import WireError
-    from multifd.wire.mapped_ram import MappedRamHeader, bitmap_to_pages
     from multifd.wire.packet import decode_device_state_packet, decode_ram_packet
     from multifd.wire.vmdesc import find_vmdesc, parse_vmdesc_json, split_device_tail
 
@@ -65,17 +68,7 @@ def _targets() -> dict[str, Callable[[bytes], object]]:
 
     def mapped_ram(body: bytes) -> None:
         # two bytes pick where the header starts in the rest (the seeds point at real ones)
-        pos = struct.unpack(">H", body[:2].ljust(2, b"\0"))[0]
-        data = body[2:]
-        for fn in (lambda: MappedRamHeader.decode(data, offset=pos, page_size=4096),
-                   lambda: MappedRamHeader.decode(data, offset=pos),
-                   lambda: DeviceStateBufferHeader.decode(data, offset=pos)):
-            try:
-                fn()
-            except WireError:
-                pass
-        n = struct.unpack(">I", data[pos : pos + 4].ljust(4, b"\0"))[0] % (1 << 20)
-        bitmap_to_pages(data[pos : pos + 4096], n)
+        _decode_headers_at(body[2:], struct.unpack(">H", body[:2].ljust(2, b"\0"))[0])
 
     def vmdesc(body: bytes) -> None:
         j = body.rfind(b'{"page_size"')

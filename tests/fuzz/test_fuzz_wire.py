@@ -204,22 +204,27 @@ def test_ram_record_reader(case: tuple[str, bytes], skip: int) -> None:
                _mem_limit(body))
 
 
+def _decode_headers_at(data: bytes, pos: int) -> None:
+    """The mapped-ram block header and device-state buffer header decoders at ``pos``,
+    then a bitmap of a page count read there (also the atheris target's driver)."""
+    for fn in (lambda: MappedRamHeader.decode(data, offset=pos, page_size=4096),
+               lambda: MappedRamHeader.decode(data, offset=pos),
+               lambda: DeviceStateBufferHeader.decode(data, offset=pos)):
+        try:
+            fn()
+        except WireError:
+            pass
+    n = struct.unpack_from(">I", data.ljust(pos + 4, b"\0"), pos)[0] % (1 << 20)
+    bitmap_to_pages(data[pos : pos + 4096], n)
+
+
 @fuzz_settings(200)
 @given(mutated((mapped_ram_seed(),)), st.integers(0, 1 << 17))
 def test_mapped_ram_and_devstate_headers(case: tuple[str, bytes], at: int) -> None:
     _, data = case
 
     def run() -> None:
-        pos = at % max(1, len(data))
-        for fn in (lambda: MappedRamHeader.decode(data, offset=pos, page_size=4096),
-                   lambda: MappedRamHeader.decode(data, offset=pos),
-                   lambda: DeviceStateBufferHeader.decode(data, offset=pos)):
-            try:
-                fn()
-            except WireError:
-                pass
-        n = struct.unpack_from(">I", data.ljust(pos + 4, b"\0"), pos)[0] % (1 << 20)
-        bitmap_to_pages(data[pos : pos + 4096], n)
+        _decode_headers_at(data, at % max(1, len(data)))
 
     run_target("mapped-ram/devstate headers", run, (WireError,), _mem_limit(data) + 64 * n_max)
 
