@@ -284,6 +284,11 @@ class DeviceStateSaveHandler(DeviceSaveHandler):
         self._final_started = False
 
     def pending(self, exact: bool = False) -> tuple[int, int]:
+        """The exact figure (asked when the estimate says the migration could switch
+        over) first lets a running live job finish: its rest is producer-bound, and left
+        for the downtime it would cost more than its bytes at the measured bandwidth."""
+        if exact:
+            self.producer.wait()
         return self.producer.pending(), 0
 
     def iterate(self, final: bool) -> bool:
