@@ -176,3 +176,37 @@ def test_channels_arg_minimum() -> None:
     assert parse("1") == 1 and parse("255") == 255
     with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 255"):
         parse("0")
+
+
+def test_incoming_exits_at_once_on_a_first_connection_without_magic(tmp_path) -> None:
+    """`multifd incoming` (qemu-7.2, multifd on) given a first connection of random bytes
+    exits 1 (its peer-error code) at once with one error line naming the magic, instead of
+    waiting the whole accept timeout for the multifd channels."""
+    import socket
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from multifd.cli import main; sys.exit(main())",
+         "incoming", "tcp:127.0.0.1:0", "--profile", "qemu-7.2", "--channels", "2",
+         "--save", str(tmp_path / "x.img")], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("listening on "), line
+        host, port = line.split()[-1].split(":")[-2:]
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(bytes.fromhex("8e2f61d0") + bytes(range(60)))
+            rc = proc.wait(10)
+            took = time.monotonic() - t0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 1
+    assert took < 10
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: connection 1 (main channel by order, qemu-7.2) does not start with the QEVM "
+        "magic: first bytes 0x8e2f61d0"), err

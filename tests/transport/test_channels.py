@@ -131,8 +131,11 @@ def test_qemu10_garbage_first_bytes(listener: Listener) -> None:
     socks = _connect_in_order(listener.address, [("main", 0)])
     bad = connect(listener.address, 5)
     bad.sendall(b"GET / HTTP/1.1\r\n")
-    with pytest.raises(ChannelError, match=r"47 45 54 20"):
+    with pytest.raises(ChannelError) as info:
         accept_channels(listener, 2, "qemu-10", timeout=5)
+    assert str(info.value) == (
+        "connection 2 (accept order, qemu-10) does not start with the QEVM magic or the "
+        "multifd magic 0x11223344: first bytes 0x47455420")
     for s in [*socks, bad]:
         s.close()
 
@@ -359,3 +362,89 @@ def test_tls_reset_of_taken_main_fails_at_once(tmp_path: Path) -> None:
             "the main channel was reset by the source during channel set-up (Connection "
             "reset by peer), while waiting for 2 more multifd channels"), out
         assert float(out["s"]) < 5  # type: ignore[arg-type]
+
+
+# -- a first connection that is no migration source: its magic is checked on arrival -----
+
+RANDOM = bytes.fromhex("8e2f61d0") + bytes(range(60))  # fixed "random" bytes, no magic
+FIRST_BYTES = {"random": RANDOM, "bad magic": b"\x12\x34\x56\x78" + bytes(60),
+               "truncated": b"QE"}
+
+
+def _who(profile: str, seq: int = 1, role: str = "main") -> str:
+    if profile == "qemu-7.2":
+        return f"connection {seq} ({role} channel by order, qemu-7.2)"
+    return f"connection {seq} (accept order, qemu-10)"
+
+
+@pytest.mark.parametrize("profile", ["qemu-7.2", "qemu-10"])
+@pytest.mark.parametrize("case", list(FIRST_BYTES))
+def test_bad_first_connection_fails_at_once(listener: Listener, profile: str,
+                                            case: str) -> None:
+    """Random bytes, a wrong magic or a header cut short on the first connection fail the
+    set-up at once, naming the connection and its bytes; qemu-7.2 used to hold it until
+    the accept timeout (10 s here) waiting for the multifd channels."""
+    t, out = _accept_in_thread(listener, 2, profile)
+    s = connect(listener.address, 5)
+    t0 = time.monotonic()
+    s.sendall(FIRST_BYTES[case])
+    if case == "truncated":
+        s.shutdown(socket.SHUT_WR)
+    t.join(10)
+    took = time.monotonic() - t0
+    if case == "truncated":
+        want = (f"{_who(profile)} closed after sending only 2 bytes (0x5145): a truncated "
+                "header, its 4-byte magic never arrived")
+    elif profile == "qemu-7.2":
+        want = (f"{_who(profile)} does not start with the QEVM magic: first bytes "
+                f"0x{FIRST_BYTES[case][:4].hex()}")
+    else:
+        want = (f"{_who(profile)} does not start with the QEVM magic or the multifd magic "
+                f"0x11223344: first bytes 0x{FIRST_BYTES[case][:4].hex()}")
+    assert isinstance(out.get("exc"), ChannelError), out
+    assert str(out["exc"]) == want
+    assert took < 2, took
+    s.close()
+
+
+def test_qemu72_multifd_connection_with_wrong_magic(listener: Listener) -> None:
+    """The second connection is a multifd channel by order: a QEVM there is refused."""
+    t, out = _accept_in_thread(listener, 2, "qemu-7.2")
+    socks = _connect_in_order(listener.address, [("main", 0), ("main", 1)])
+    t.join(10)
+    assert str(out.get("exc")) == (
+        "connection 2 (multifd channel by order, qemu-7.2) does not start with the multifd "
+        "magic 0x11223344: first bytes 0x5145564d"), out
+    assert float(out["s"]) < 2  # type: ignore[arg-type]
+    for s in socks:
+        s.close()
+
+
+def test_qemu72_wrong_magic_queued_before_accept(listener: Listener) -> None:
+    """All connections already queued, main's bytes wrong: caught before handing over."""
+    bad = connect(listener.address, 5)
+    bad.sendall(b"\x12\x34\x56\x78")
+    good = _connect_in_order(listener.address, [("multifd", 0)])
+    time.sleep(0.05)
+    with pytest.raises(ChannelError, match=r"^connection 1 \(main channel by order, "
+                       r"qemu-7\.2\) does not start with the QEVM magic: first bytes "
+                       r"0x12345678$"):
+        accept_channels(listener, 1, "qemu-7.2", timeout=5)
+    for s in [bad, *good]:
+        s.close()
+
+
+def test_qemu72_magic_in_pieces_is_kept(listener: Listener) -> None:
+    """A magic that arrives in pieces is waited for, and the check consumes no byte."""
+    t, out = _accept_in_thread(listener, 1, "qemu-7.2")
+    main = connect(listener.address, 5)
+    main.sendall(QEVM[:2])
+    time.sleep(0.1)
+    main.sendall(QEVM[2:] + struct.pack(">I", 5))
+    (chan,) = _connect_in_order(listener.address, [("multifd", 3)])
+    t.join(10)
+    dmain, dchans = out["v"]  # type: ignore[misc]
+    assert recv_exactly(dmain, 8) == _hello("main", 5)
+    assert [bytes(recv_exactly(c, 8)) for c in dchans] == [_hello("multifd", 3)]
+    for s in [main, chan, dmain, *dchans]:
+        s.close()

@@ -6,7 +6,9 @@ first connection it accepts as the main channel, so main must be fully connected
 The caller writes the QEVM header / MultiFDInit_t packets.
 
 Destination:
-* ``qemu-7.2``: the first accepted connection is main, the next N are multifd.
+* ``qemu-7.2``: the first accepted connection is main, the next N are multifd. Each is
+  taken as it is accepted (a 7.2 source may keep main silent until its channels are up),
+  and its first 4 bytes are checked against its role's magic as soon as they arrive.
 * ``qemu-10``: each connection is classified by peeking its first 4 bytes (MSG_PEEK):
   ``QEVM`` (0x5145564D) = main, 0x11223344 = multifd, anything else is an error. Peeks run
   through one selector so a slow channel never blocks the classification of the others.
@@ -16,7 +18,9 @@ Every wait shares one deadline. Connections beyond the expected count are closed
 error logged. Multifd sockets come back in accept order; their init packets tell the ids.
 While it waits for the rest, the connections already taken are watched (`SetupWatch`): a
 source that resets one, or closes one before sending a byte, has given up, and the set-up
-fails at once naming that connection instead of timing out on the missing channels.
+fails at once naming that connection instead of timing out on the missing channels; so
+does a 7.2 connection whose first bytes are not its role's magic, or that closes after
+fewer than 4 bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 QEVM_MAGIC = 0x5145564D
 MULTIFD_MAGIC = 0x11223344
+_QEVM = struct.pack(">I", QEVM_MAGIC)
+_MULTIFD = struct.pack(">I", MULTIFD_MAGIC)
 _PEEK_PROFILES = {"qemu-7.2": False, "qemu-10": True}
 _RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer shut down its sending side
 _WAKE_S = 0.25  # longest single poll: a listener closed by another thread (cancel) is seen
@@ -113,8 +119,9 @@ class SetupWatch:
     connection, or closes it before sending a byte, has given up on the migration; waiting
     on until the accept timeout would report the missing channels instead of that cause.
     A taken connection's bytes are never consumed: data arriving on it is normal, so only
-    POLLRDHUP / POLLERR / POLLHUP wake the loop for it, and an EOF is told apart from
-    queued data with MSG_PEEK. A connection the source ended after sending its first bytes
+    POLLRDHUP / POLLERR / POLLHUP wake the loop for it (and POLLIN until its magic, when
+    it was taken with one, has been checked), and an EOF is told apart from queued data
+    with MSG_PEEK. A connection the source ended after sending its first bytes
     is not a failure by itself (a finished source closes its channels; whoever reads those
     bytes finds out whether they are whole): it stops being watched for that.
     """
@@ -126,6 +133,7 @@ class SetupWatch:
         self._poll = select.poll()
         self._poll.register(self._listen_fd, select.POLLIN)
         self._taken: dict[int, tuple[socket.socket, Callable[[], str]]] = {}
+        self._magic: dict[int, tuple[bytes, str]] = {}  # fd -> (expected, who): unchecked
 
     def register(self, conn: socket.socket, events: int) -> None:
         """Poll `conn` (not taken yet, e.g. waiting to be peeked) for `events` too."""
@@ -134,10 +142,27 @@ class SetupWatch:
     def unregister(self, conn: socket.socket) -> None:
         self._poll.unregister(conn)
 
-    def take(self, conn: socket.socket, label: Callable[[], str]) -> None:
-        """Watch `conn` until the loop ends; `label()` names it in the error."""
-        self._poll.register(conn, _RDHUP)  # POLLERR/POLLHUP are always reported
-        self._taken[conn.fileno()] = (conn, label)
+    def take(self, conn: socket.socket, label: Callable[[], str],
+             magic: bytes = b"", who: str = "") -> None:
+        """Watch `conn` until the loop ends; `label()` names it in the error.
+
+        With `magic` (taken by order, unpeeked), its first bytes are checked against it as
+        soon as they arrive: a wrong magic or a truncated one fails at once, naming `who`,
+        instead of holding the set-up until the accept timeout."""
+        fd = conn.fileno()
+        if magic:
+            self._magic[fd] = (magic, who)
+        self._poll.register(conn, _RDHUP | (select.POLLIN if magic else 0))
+        self._taken[fd] = (conn, label)
+
+    def check_arrived(self) -> None:
+        """Check the magics already here before the loop hands its connections over (all
+        may have been queued at once); ends, resets and magics yet to come are left to
+        whoever reads the connections next, as before."""
+        if self._magic:
+            for fd, ev in self._poll.poll(0):
+                if fd in self._magic:
+                    self._check_magic(fd, self._taken[fd][0], ev)
 
     def wait(self, timeout: float) -> list[tuple[int, int]]:
         """Wait up to `timeout` s (at most `_WAKE_S`); returns the (fd, events) of the
@@ -150,12 +175,39 @@ class SetupWatch:
             raise OSError(errno.EBADF, "the migration listener was closed during set-up")
         for fd, (conn, label) in list(self._taken.items()):  # in taking order: main first
             ev = events.pop(fd, 0)
+            if ev and fd in self._magic:
+                self._check_magic(fd, conn, ev)
+                if not ev & ~select.POLLIN:
+                    continue  # data only: nothing for _lost to look at
             why = self._lost(fd, conn, ev) if ev else None
             if why is not None:
                 what, detail = why
                 raise ChannelError(f"{label()} {what} during channel set-up{detail}, while "
                                    f"waiting for {self._waiting_for()}")
         return list(events.items())
+
+    def _check_magic(self, fd: int, conn: socket.socket, ev: int) -> None:
+        """Compare taken connection `conn`'s first bytes with its magic, without consuming
+        them; errors, resets and an EOF before any byte are left to `_lost`."""
+        if ev & (select.POLLNVAL | select.POLLERR):
+            return
+        try:
+            head = socket.socket.recv(conn, 4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if not head:
+            return
+        magic, who = self._magic[fd]
+        if len(head) < 4:
+            if ev & (select.POLLHUP | _RDHUP):
+                raise ChannelError(_truncated(who, head))
+            time.sleep(0.001)  # level-triggered: wait briefly for the rest
+            return
+        if head != magic:
+            name = "the QEVM magic" if magic == _QEVM else f"the multifd magic 0x{magic.hex()}"
+            raise ChannelError(f"{who} does not start with {name}: first bytes 0x{head.hex()}")
+        del self._magic[fd]
+        self._poll.modify(fd, _RDHUP)
 
     def _lost(self, fd: int, conn: socket.socket, ev: int) -> tuple[str, str] | None:
         """What the source did to taken connection `conn`, and how (None: nothing fatal)."""
@@ -184,10 +236,17 @@ class SetupWatch:
 
     def _forget(self, fd: int) -> None:
         del self._taken[fd]
+        self._magic.pop(fd, None)
         try:
             self._poll.unregister(fd)
         except KeyError:
             pass
+
+
+def _truncated(who: str, head: bytes) -> str:
+    n = len(head)
+    return (f"{who} closed after sending only {n} byte{'s' if n > 1 else ''} "
+            f"(0x{head.hex()}): a truncated header, its 4-byte magic never arrived")
 
 
 def _failed(err: int, exc: OSError | None = None) -> tuple[str, str]:
@@ -245,10 +304,12 @@ def accept_channels(
                     if not peek:
                         if main is None:
                             main = conn
-                            watch.take(conn, lambda: "the main channel")
+                            watch.take(conn, lambda: "the main channel", _QEVM,
+                                       _by_order(seq, "main"))
                         elif len(multifd) < n_multifd:
                             multifd.append((seq, conn))
-                            watch.take(conn, multifd_label(seq))
+                            watch.take(conn, multifd_label(seq), _MULTIFD,
+                                       _by_order(seq, "multifd"))
                         else:
                             _refuse(conn, "more connections than 1 main + "
                                     f"{n_multifd} multifd channels")
@@ -273,6 +334,7 @@ def accept_channels(
                         watch.take(conn, multifd_label(cseq))
                     else:
                         _refuse(conn, f"more than {n_multifd} multifd channels")
+        watch.check_arrived()
     except BaseException:
         close_all()
         raise
@@ -288,6 +350,10 @@ def accept_channels(
     return main, [conn for _, conn in multifd]
 
 
+def _by_order(seq: int, role: str) -> str:
+    return f"connection {seq} ({role} channel by order, qemu-7.2)"
+
+
 def _peek_kind(conn: socket.socket, seq: int) -> str | None:
     try:
         head = conn.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -301,17 +367,19 @@ def _peek_kind(conn: socket.socket, seq: int) -> str | None:
             ) from exc
         raise ChannelError(f"reading the first bytes of incoming connection {seq} (accept "
                            f"order) failed: {exc}") from exc
+    who = f"connection {seq} (accept order, qemu-10)"
     if not head:
-        raise ChannelError("an incoming channel closed before sending its first 4 bytes")
+        raise ChannelError("an incoming channel closed before sending its first 4 bytes "
+                           f"(connection {seq} by accept order, qemu-10)")
     if len(head) < 4:
         if _peer_closed(conn):
-            raise ChannelError(
-                f"an incoming channel closed after sending only {len(head)} bytes "
-                f"({head.hex(' ')}); its first 4 bytes never arrived"
-            )
+            raise ChannelError(_truncated(who, head))
         # Stop polling a readable-but-short socket in a busy loop: wait briefly for the rest.
         time.sleep(0.001)
         return None
+    if head not in (_QEVM, _MULTIFD):
+        raise ChannelError(f"{who} does not start with the QEVM magic or the multifd magic "
+                           f"0x{_MULTIFD.hex()}: first bytes 0x{head.hex()}")
     return classify_magic(head)
 
 
