@@ -201,3 +201,27 @@ def test_query_migrate_destination() -> None:
     assert info == {"status": "active", "socket-address": addr}
     with pytest.raises(ValueError):
         query_migrate(S.ACTIVE, role="sideways")
+
+
+def test_transferred_splits_at_the_pause() -> None:
+    st = MigrationStats()
+    st.set_transferred(1000)
+    assert (st.precopy_bytes, st.downtime_bytes) == (1000, 0)
+    st.start_downtime(1200)  # the total at the pause, fresher than the counter
+    st.set_transferred(1500)
+    assert (st.transferred, st.precopy_bytes, st.downtime_bytes) == (1500, 1200, 300)
+    info = query_migrate(S.COMPLETED, st, total_time_ms=10, downtime_ms=1)
+    assert info["ram"]["precopy-bytes"] == 1200 and info["ram"]["downtime-bytes"] == 300
+
+
+def test_bandwidth_meter_pages_from_note_pages() -> None:
+    clk = FakeClock()
+    m = BandwidthMeter(clock=clk)
+    m.note_pages(300)
+    clk.t += 0.2
+    m.update(1_000_000)  # pages come from the last note: 300 in 200 ms
+    assert m.pages_per_second() == pytest.approx(1500)
+    m.note_pages(400)
+    clk.t += 0.1
+    m.update(2_000_000)
+    assert m.pages_per_second() == pytest.approx(1000)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from multifd.multifd.sender import Sender
 
 MAX_WAIT_S = 0.050  # QEMU's MAX_WAIT: the longest a RAM iteration runs
+RATE_PERIOD_S = 1.0  # dirty-pages-rate period (QEMU: a sync more than 1000 ms later)
 _WINDOW = 8192  # pages taken from todo at a time (64 packets)
 _TODO_STRETCH = 8 * _WINDOW  # pages of todo indexed at a time
 _SCAN_AHEAD = 2048  # pages zero-scanned ahead per wait for a free channel slot
@@ -60,6 +61,11 @@ class RamCounters:
         self.dirty_sync_count = 0
         self.dirty_pages_last_sync = 0
         self.last_sync_time = 0.0
+        # dirty-pages-rate as QEMU's migration_update_rates: pages newly dirty summed over
+        # syncs until a period of at least 1 s closes, then divided by its length.
+        self.dirty_pages_period = 0
+        self.period_start = 0.0
+        self.dirty_pages_rate = 0
 
 
 class RamSaveHandler(SaveHandler):
@@ -188,9 +194,19 @@ class RamSaveHandler(SaveHandler):
         self.todo_count += added
         self._scan_end = 0  # scans before this sync may miss writes whose bits it consumed
         c = self.counters
+        now = time.monotonic()
         c.dirty_sync_count += 1
         c.dirty_pages_last_sync = added
-        c.last_sync_time = time.monotonic()
+        c.last_sync_time = now
+        if first:  # every page starts dirty: none was dirtied by the workload yet
+            c.period_start = now
+            c.dirty_pages_period = 0
+            return
+        c.dirty_pages_period += added
+        if now - c.period_start > RATE_PERIOD_S:
+            c.dirty_pages_rate = int(c.dirty_pages_period / (now - c.period_start))
+            c.period_start = now
+            c.dirty_pages_period = 0
 
     def pending_bytes(self) -> int:
         return self.todo_count * self.page_size

@@ -209,6 +209,7 @@ class MigrationSource:
             self.machine.pause()
             self.t_pause = time.monotonic()
             self.pause_wall = time.time()
+            self.stats.start_downtime(self._transferred())  # later bytes: downtime-bytes
             self._set_status(MigrationStatus.DEVICE)
             self._phase("switchover")
             self._limiter.disable()
@@ -435,7 +436,7 @@ class MigrationSource:
             s.multifd_bytes = 0
             s.wire_bytes = s.main_bytes
             normal_mfd = zero_mfd = 0
-        s.transferred = s.main_bytes + s.multifd_bytes
+        s.set_transferred(s.main_bytes + s.multifd_bytes)  # and precopy/downtime bytes
         if self._ram is not None:
             c = self._ram.counters
             # duplicate: zero pages found here (main-stream ZERO records, or never-sent
@@ -447,10 +448,14 @@ class MigrationSource:
                 s.normal = c.normal
             s.normal_bytes = s.normal * self._ram.page_size
             s.dirty_sync_count = c.dirty_sync_count
+            s.dirty_pages_rate = c.dirty_pages_rate
             s.remaining = (0 if self.status.is_final() else
                            self._ram.pending_bytes() + self._ram.dirty_estimate_bytes())
         s.total = self.machine.total_ram()
         s.mbps = self._meter.mbps()
+        # pages-per-second: the meter's next window closes on the page total noted here
+        self._meter.note_pages(int(s.normal + s.duplicate))
+        s.pages_per_second = self._meter.pages_per_second()
 
     def _root_cause(self, exc: BaseException) -> str:
         """The error to report: a failed multifd channel is the cause, a main-stream error

@@ -3,6 +3,8 @@
 * `MigrationStats`: thread-safe counters updated by the migration and channel threads.
   ``transferred`` is main-stream + multifd bytes as QEMU counts them (the engine decides
   what it passes in); ``wire_bytes`` is ours: bytes on the wire after compression.
+  ``start_downtime`` marks the pause: the total splits there into precopy-bytes and
+  downtime-bytes (QEMU's "sent while the guest is stopped").
 * `BandwidthMeter`: QEMU's migration_update_counters rule — nothing happens until at least
   BUFFER_DELAY = 100 ms passed since the window began; then bandwidth = bytes in the window
   / window length in ms, and the window restarts.
@@ -65,6 +67,7 @@ class MigrationStats:
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_c", dict.fromkeys(_COUNTERS, 0))
         object.__setattr__(self, "_in_downtime", False)
+        object.__setattr__(self, "_pause_transferred", 0)
         self.page_size = page_size
 
     def __getattr__(self, name: str) -> Any:
@@ -92,10 +95,29 @@ class MigrationStats:
             for name, value in values.items():
                 self._c[_check(name)] = value
 
-    def start_downtime(self) -> None:
-        """From now on bytes count as downtime-bytes instead of precopy-bytes (switchover)."""
+    def start_downtime(self, transferred: int | None = None) -> None:
+        """From now on bytes count as downtime-bytes instead of precopy-bytes (switchover).
+
+        ``transferred``: the running total at the pause (default: the counter as it is), so
+        `set_transferred` can split later totals into precopy and downtime bytes.
+        """
         with self._lock:
+            at = self._c["transferred"] if transferred is None else transferred
+            object.__setattr__(self, "_pause_transferred", at)
             object.__setattr__(self, "_in_downtime", True)
+
+    def set_transferred(self, n: int) -> None:
+        """Set the running total and split it at the pause: what was sent before it is
+        precopy-bytes, the rest downtime-bytes (QEMU's mig_stats, no postcopy here)."""
+        with self._lock:
+            c = self._c
+            c["transferred"] = n
+            if self._in_downtime:
+                c["precopy_bytes"] = self._pause_transferred
+                c["downtime_bytes"] = n - self._pause_transferred
+            else:
+                c["precopy_bytes"] = n
+                c["downtime_bytes"] = 0
 
     def add_main_bytes(self, n: int, wire: int | None = None) -> None:
         """Account ``n`` logical bytes on the main stream (``wire``: bytes actually sent)."""
@@ -170,6 +192,7 @@ class BandwidthMeter:
         self._mbps = 0.0
         self._pps = 0.0
         self._window_bytes = 0  # bytes moved in the last full window
+        self._noted_pages: int | None = None  # latest page total from note_pages
 
     def bytes_per_ms(self) -> float:
         """Bandwidth of the last full window in bytes/ms (0 before the first window)."""
@@ -182,8 +205,15 @@ class BandwidthMeter:
             return self._mbps
 
     def pages_per_second(self) -> float:
+        """Pages sent per second over the last full window (query-migrate pages-per-second)."""
         with self._lock:
             return self._pps
+
+    def note_pages(self, total_pages: int) -> None:
+        """Record the running page total for the next `update` that is given none, so the
+        byte feed and the page feed can come from different places."""
+        with self._lock:
+            self._noted_pages = total_pages
 
     def window_bytes(self) -> int:
         """Bytes moved during the last full window."""
@@ -204,6 +234,8 @@ class BandwidthMeter:
             if elapsed_ms < BUFFER_DELAY_MS:
                 return None
             moved = total_bytes - self._start_bytes
+            if total_pages is None:
+                total_pages = self._noted_pages
             self._window_bytes = moved
             self._bandwidth = moved / elapsed_ms
             self._mbps = moved * 8 / (elapsed_ms / 1000.0) / 1e6
