@@ -327,3 +327,55 @@ def test_random_payloads_only_raise_wire_errors() -> None:
                                                        memoryview(bytearray(PAGE)))
             except WireError:
                 pass
+
+
+# --------------------------------------------------------------------------- zstd into RAM
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "10"])
+def test_zstd_into_ram_matches_the_bytes_path_on_a_qemu_channel(qemu: str) -> None:
+    """The libzstd-into-the-buffer receiver decodes a real multi-packet channel exactly as
+    the binding's decompress + copy does (one context per channel, packet after packet)."""
+    from multifd.compress import zstd as zmod
+
+    if zmod._LIB is None:
+        pytest.skip("no libzstd reachable through ctypes")
+    path = (sorted((Q72 / "multifd2-zstd").glob("conn[12]-src2dst.bin"))[0] if qemu == "7.2"
+            else sorted((Q10 / "multifd2-zstd").glob("chan-*.bin"))[1])
+    dec = ChannelDecoder(PacketLayout.V7_2 if qemu == "7.2" else None, blocks=BLOCKS,
+                         compression_flag=int(MultifdFlag.ZSTD))
+    dec.receive_data(path.read_bytes())
+    dec.receive_eof()
+    new, old = zmod.ZstdIntoDecompressor(zmod._LIB), zmod.ZstdStreamDecompressor()
+    assert isinstance(get_method("zstd").new_decompressor(), zmod.ZstdIntoDecompressor)
+    packets = 0
+    while not isinstance(ev := dec.next_event(), EndOfChannel):
+        if isinstance(ev, RamPacket) and ev.header.normal_pages:
+            size = ev.header.normal_pages * PAGE
+            ram = bytearray(b"\xee" * (size + PAGE))  # a RAM view inside a larger block
+            ref = bytearray(size)
+            new.decompress_packet(ev.payload, memoryview(ram)[PAGE // 2 : PAGE // 2 + size])
+            old.decompress_packet(ev.payload, memoryview(ref))
+            assert ram[PAGE // 2 : PAGE // 2 + size] == ref
+            assert ram[: PAGE // 2] == ram[PAGE // 2 + size :] == b"\xee" * (PAGE // 2)
+            packets += 1
+    assert packets > 3
+
+
+def test_zstd_into_ram_rejects_short_long_and_ended_payloads() -> None:
+    from multifd.compress import zstd as zmod
+
+    if zmod._LIB is None:
+        pytest.skip("no libzstd reachable through ctypes")
+    pages = pages_of("text", 4)
+    payload = b"".join(get_method("zstd").new_compressor().compress_packet(pages))
+    d = zmod.ZstdIntoDecompressor(zmod._LIB)
+    with pytest.raises(BadLength, match="more than"):
+        d.decompress_packet(payload, memoryview(bytearray(3 * PAGE)))
+    d = zmod.ZstdIntoDecompressor(zmod._LIB)
+    with pytest.raises(BadLength, match="expected"):
+        d.decompress_packet(payload, memoryview(bytearray(5 * PAGE)))
+    ended = ZstdCompressor().compress(b"".join(pages), mode=ZstdCompressor.FLUSH_FRAME)
+    with pytest.raises(WireError, match="ended"):
+        zmod.ZstdIntoDecompressor(zmod._LIB).decompress_packet(
+            ended, memoryview(bytearray(4 * PAGE)))

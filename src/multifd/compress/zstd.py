@@ -5,12 +5,24 @@ FLUSH_BLOCK mode (ZSTD_e_flush), so the receiver can decode the packet completel
 0..20, default 1 (libzstd reads 0 as its default level 3, as in QEMU). The receiver bounds
 its output to len(out) + 1 bytes, so a bomb never inflates further.
 Uses `compression.zstd` (Python >= 3.14) or its backport `backports.zstd`.
+
+Receiving: neither binding can decompress into a caller's buffer (their `decompress`
+returns a new bytes object, assembled with the GIL held, that then has to be copied into
+RAM). So the receiver calls libzstd's ZSTD_decompressStream through ctypes with the RAM
+view as its output buffer: one DCtx per channel, the GIL released for the whole call, no
+intermediate bytes. The libzstd is the one the binding's extension already loaded (it
+exports the ZSTD_* symbols, or links the system libzstd); the system library is tried next,
+and without either the binding's `decompress` + one copy is used.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 from collections.abc import Sequence
+
+import numpy as np
 
 from multifd.compress import Buffer, CompressionMethod, Compressor, Decompressor
 from multifd.wire.constants import MultifdFlag
@@ -20,6 +32,66 @@ if sys.version_info >= (3, 14):
     from compression.zstd import ZstdCompressor, ZstdDecompressor, ZstdError
 else:
     from backports.zstd import ZstdCompressor, ZstdDecompressor, ZstdError
+
+
+class _InBuffer(ctypes.Structure):
+    """ZSTD_inBuffer (stable ABI since libzstd 1.0)."""
+
+    _fields_ = [("src", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+class _OutBuffer(ctypes.Structure):
+    """ZSTD_outBuffer."""
+
+    _fields_ = [("dst", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+_ERROR_MIN = (1 << 64) - 200  # ZSTD_isError(code) only for codes this large (-maxCode..-1)
+
+
+def _load_libzstd() -> ctypes.CDLL | None:
+    """libzstd with the streaming API, or None (then the bytes + copy path is used).
+
+    The binding's extension first: it is already mapped and is the libzstd the sender's
+    compressor uses. CDLL (not PyDLL) calls release the GIL.
+    """
+    candidates: list[str] = []
+    try:
+        if sys.version_info >= (3, 14):
+            import _zstd as ext  # type: ignore[import-not-found]
+        else:
+            from backports.zstd import _zstd as ext
+        if getattr(ext, "__file__", None):
+            candidates.append(ext.__file__)
+    except ImportError:
+        pass
+    found = ctypes.util.find_library("zstd")
+    if found:
+        candidates.append(found)
+    for name in candidates:
+        try:
+            lib = ctypes.CDLL(name)
+            lib.ZSTD_versionNumber.restype = ctypes.c_uint
+            if lib.ZSTD_versionNumber() < 10400:  # 1.4.0: ZSTD_decompressStream is stable
+                continue
+            lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+            lib.ZSTD_createDCtx.argtypes = []
+            lib.ZSTD_freeDCtx.restype = ctypes.c_size_t
+            lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+            lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+            lib.ZSTD_decompressStream.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(_OutBuffer), ctypes.POINTER(_InBuffer)]
+            lib.ZSTD_isError.restype = ctypes.c_uint
+            lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
+
+
+_LIB = _load_libzstd()
 
 
 class ZstdStreamCompressor(Compressor):
@@ -57,6 +129,73 @@ class ZstdStreamDecompressor(Decompressor):
         dst[:] = data
 
 
+class ZstdIntoDecompressor(Decompressor):
+    """Decompresses each payload straight into `out` (see the module docstring)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._dctx = lib.ZSTD_createDCtx()
+        if not self._dctx:
+            raise MemoryError("ZSTD_createDCtx failed")
+        self._in = _InBuffer()
+        self._out = _OutBuffer()
+        self._probe = ctypes.create_string_buffer(1)
+        self._in_ref = ctypes.byref(self._in)
+        self._out_ref = ctypes.byref(self._out)
+
+    def __del__(self) -> None:
+        dctx, self._dctx = getattr(self, "_dctx", None), None
+        if dctx:
+            self._lib.ZSTD_freeDCtx(dctx)
+
+    def _step(self) -> int:
+        """One ZSTD_decompressStream call; WireError on a libzstd error code."""
+        ret: int = self._lib.ZSTD_decompressStream(self._dctx, self._out_ref, self._in_ref)
+        if ret >= _ERROR_MIN and self._lib.ZSTD_isError(ret):
+            name = self._lib.ZSTD_getErrorName(ret).decode(errors="replace")
+            self._dctx, dctx = None, self._dctx  # unusable from now on, as documented
+            self._lib.ZSTD_freeDCtx(dctx)
+            raise WireError(f"corrupt zstd payload: {name}", field="next_packet_size",
+                            value=self._in.size)
+        return ret
+
+    def decompress_packet(self, payload: Buffer, out: memoryview) -> None:
+        if not self._dctx:
+            raise WireError("zstd stream already failed", field="next_packet_size",
+                            value=memoryview(payload).nbytes)
+        # numpy gives the address of any buffer (read-only payloads too), without a copy;
+        # the arrays keep the buffers exported (alive, not resizable) across the calls.
+        src = np.frombuffer(payload, np.uint8)
+        dst = np.frombuffer(out, np.uint8)
+        if dst.flags.writeable is False:
+            raise ValueError("decompress_packet needs a writable output view")
+        n = dst.size
+        i, o = self._in, self._out
+        i.src, i.size, i.pos = src.ctypes.data, src.size, 0
+        o.dst, o.size, o.pos = dst.ctypes.data, n, 0
+        ret = self._step()
+        # libzstd loops internally; repeat only while it still makes progress
+        while o.pos < n and i.pos < i.size and ret:
+            before = (i.pos, o.pos)
+            ret = self._step()
+            if (i.pos, o.pos) == before:
+                break
+        got = o.pos
+        if got == n and ret:
+            # output full: anything left (input or data buffered in the DCtx) is excess
+            o.dst, o.size, o.pos = ctypes.addressof(self._probe), 1, 0
+            ret = self._step()
+            if o.pos or i.pos < i.size:
+                raise BadLength(f"zstd payload inflates to more than {n} bytes",
+                                field="size", value=n + o.pos)
+        if ret == 0:
+            raise WireError("zstd frame ended inside a migration", field="unused",
+                            value=i.size - i.pos)
+        if got != n:
+            raise BadLength(f"zstd payload inflates to {got} bytes, expected {n}",
+                            field="size", value=got)
+
+
 class ZstdMethod(CompressionMethod):
     name = "zstd"
     flag = MultifdFlag.ZSTD
@@ -70,6 +209,8 @@ class ZstdMethod(CompressionMethod):
         return ZstdStreamCompressor(lv)
 
     def new_decompressor(self) -> Decompressor:
+        if _LIB is not None:
+            return ZstdIntoDecompressor(_LIB)
         return ZstdStreamDecompressor()
 
 
