@@ -27,13 +27,14 @@ thread waits at a SYNC before and after the measured packets, divided by the pac
 the real loop pays. The RAM block is 16 packets long and the packets cycle over it, so
 after the warm-up no page fault is counted.
 
-zstd: `backports.zstd` (the CPython 3.14 `compression.zstd` backport) releases the GIL
-around the codec call. The time inside `compress` / `decompress` is measured separately
-(the same packets through a fresh codec in a plain loop), and a probe (a counting loop in
-the main thread while a second thread runs the call back to back) gives the share of that
-time the GIL is free (about 1.0 for compress; decompress assembles its output bytes with
-the GIL held, so less). `gil_us_per_packet` = cpu - c_call x gil_free_share; for the
-other paths it equals cpu. `projected_max_gib_s` = 0.5 MiB / gil_us_per_packet.
+zstd: the codec calls release the GIL (`backports.zstd`'s compress; the channel's
+decompressor, which calls libzstd into the RAM view through ctypes when it can, see
+multifd/compress/zstd.py). The time inside the channel's compress / decompress_packet is
+measured separately (the same packets through a fresh codec in a plain loop), and a probe
+(a counting loop in the main thread while a second thread runs the call back to back)
+gives the share of that time the GIL is free. `gil_us_per_packet` = cpu - c_call x
+gil_free_share; for the other paths it equals cpu. `projected_max_gib_s` = 0.5 MiB /
+gil_us_per_packet.
 
 Each path runs `--runs` times, paths interleaved; every figure is the median of the runs.
 
@@ -325,7 +326,7 @@ def _zstd_payloads(w: Workload, count: int) -> list[bytes]:
 def codec_call_ns(w: Workload, name: str, count: int) -> int:
     """Thread CPU of `count` bare compress / decompress calls on the bench's packets,
     the way the channel calls them (one call per packet, one stream)."""
-    from multifd.compress.zstd import ZstdCompressor, ZstdDecompressor
+    from multifd.compress.zstd import ZstdCompressor
 
     view = w.src.view
     pkts = [view[k * PACKET_BYTES:(k + 1) * PACKET_BYTES] for k in range(BLOCK_PACKETS)]
@@ -338,12 +339,13 @@ def codec_call_ns(w: Workload, name: str, count: int) -> int:
             c.compress(pkts[i % BLOCK_PACKETS], mode=ZstdCompressor.FLUSH_BLOCK)
         return time.thread_time_ns() - t
     payloads = _zstd_payloads(w, BLOCK_PACKETS + count)
-    d = ZstdDecompressor()
+    d = get_method("zstd").new_decompressor()  # the channel's: into RAM when it can
+    out = memoryview(bytearray(PACKET_BYTES))
     for p in payloads[:BLOCK_PACKETS]:
-        d.decompress(p, max_length=PACKET_BYTES + 1)
+        d.decompress_packet(p, out)
     t = time.thread_time_ns()
     for p in payloads[BLOCK_PACKETS:]:
-        d.decompress(p, max_length=PACKET_BYTES + 1)
+        d.decompress_packet(p, out)
     return time.thread_time_ns() - t
 
 
@@ -379,7 +381,7 @@ def gil_free_share(call: Callable[[], object], seconds: float = 0.1, pairs: int 
 
 
 def probe_shares(w: Workload) -> dict[str, float]:
-    from multifd.compress.zstd import ZstdCompressor, ZstdDecompressor
+    from multifd.compress.zstd import ZstdCompressor
 
     view = w.src.view
     pkts = [view[k * PACKET_BYTES:(k + 1) * PACKET_BYTES] for k in range(BLOCK_PACKETS)]
@@ -391,12 +393,14 @@ def probe_shares(w: Workload) -> dict[str, float]:
         ci[0] += 1
 
     payloads = _zstd_payloads(w, 4096 // 4)  # ~1 s of decompress at most; then restart
-    state: dict[str, Any] = {"d": ZstdDecompressor(), "i": 0}
+    new = get_method("zstd").new_decompressor
+    out = memoryview(bytearray(PACKET_BYTES))
+    state: dict[str, Any] = {"d": new(), "i": 0}
 
     def decomp() -> None:
         if state["i"] == len(payloads):
-            state["d"], state["i"] = ZstdDecompressor(), 0
-        state["d"].decompress(payloads[state["i"]], max_length=PACKET_BYTES + 1)
+            state["d"], state["i"] = new(), 0
+        state["d"].decompress_packet(payloads[state["i"]], out)
         state["i"] += 1
 
     return {"send_zstd": gil_free_share(comp), "recv_zstd": gil_free_share(decomp)}
