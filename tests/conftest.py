@@ -68,9 +68,6 @@ def _materialize() -> Path:
 CAPTURES_ROOT = _materialize()
 Q72 = CAPTURES_ROOT / "qemu-captures"
 Q10 = CAPTURES_ROOT / "qemu10-captures"
-# Older name of CAPTURES_ROOT (it used to be the workspace's ../shared folder); a few
-# modules still import it. It now points at the copy unpacked from tests/data.
-SHARED = CAPTURES_ROOT
 
 
 @cache

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.conftest import SHARED
+from tests.conftest import CAPTURES_ROOT
 
 from multifd.compress import METHODS, get_method, payload_size
 from multifd.wire.constants import MultifdFlag, PacketLayout
@@ -31,9 +31,9 @@ BLOCKS = {
     "/rom@etc/table-loader": 0x1000,
     "/rom@etc/acpi/rsdp": 0x1000,
 }
-PATTERN = (SHARED / "qemu-captures" / "pattern-4MiB.bin").read_bytes()
-Q72 = SHARED / "qemu-captures"
-Q10 = SHARED / "qemu10-captures"
+PATTERN = (CAPTURES_ROOT / "qemu-captures" / "pattern-4MiB.bin").read_bytes()
+Q72 = CAPTURES_ROOT / "qemu-captures"
+Q10 = CAPTURES_ROOT / "qemu10-captures"
 
 
 def pages_of(kind: str, n: int, seed: int = 0) -> list[bytes]:
@@ -339,7 +339,9 @@ def test_zstd_into_ram_matches_the_bytes_path_on_a_qemu_channel(qemu: str) -> No
     from multifd.compress import zstd as zmod
 
     if zmod._LIB is None:
-        pytest.skip("no libzstd reachable through ctypes")
+        pytest.skip("environment: this host has no libzstd that ctypes can load (neither the "
+                    "zstd binding's extension nor a system libzstd exports "
+                    "ZSTD_decompressStream)")
     path = (sorted((Q72 / "multifd2-zstd").glob("conn[12]-src2dst.bin"))[0] if qemu == "7.2"
             else sorted((Q10 / "multifd2-zstd").glob("chan-*.bin"))[1])
     dec = ChannelDecoder(PacketLayout.V7_2 if qemu == "7.2" else None, blocks=BLOCKS,
@@ -366,7 +368,9 @@ def test_zstd_into_ram_rejects_short_long_and_ended_payloads() -> None:
     from multifd.compress import zstd as zmod
 
     if zmod._LIB is None:
-        pytest.skip("no libzstd reachable through ctypes")
+        pytest.skip("environment: this host has no libzstd that ctypes can load (neither the "
+                    "zstd binding's extension nor a system libzstd exports "
+                    "ZSTD_decompressStream)")
     pages = pages_of("text", 4)
     payload = b"".join(get_method("zstd").new_compressor().compress_packet(pages))
     d = zmod.ZstdIntoDecompressor(zmod._LIB)

@@ -1,6 +1,6 @@
 """The atheris side of fuzzing, without atheris: fuzz/atheris_wire.py's drivers replay
 every checked-in regression input (fuzz/seeds/<target>/) in the normal suite, and its
-seed corpus builds from tests/data alone (a plain clone, no ../shared)."""
+seed corpus builds from tests/data alone (a plain clone has all it needs)."""
 
 from __future__ import annotations
 

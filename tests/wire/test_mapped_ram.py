@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from tests.conftest import SHARED
+from tests.conftest import CAPTURES_ROOT
 
 from multifd.wire.errors import BadLength, BadOffset, Mismatch, Truncated, UnsupportedVersion
 from multifd.wire.mapped_ram import (
@@ -21,8 +21,8 @@ from multifd.wire.mapped_ram import (
     pages_to_bitmap,
 )
 
-CAP = SHARED / "qemu10-captures" / "mapped-ram"
-PATTERN = SHARED / "qemu-captures" / "pattern-4MiB.bin"
+CAP = CAPTURES_ROOT / "qemu10-captures" / "mapped-ram"
+PATTERN = CAPTURES_ROOT / "qemu-captures" / "pattern-4MiB.bin"
 
 
 def test_header_layout_and_round_trip() -> None:
