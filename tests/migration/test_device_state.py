@@ -127,7 +127,7 @@ def test_live_then_switchover_continues_indices() -> None:
     loader = DeviceStateLoader([dst], enabled=True)
     items = cap.items[:]
     random.Random(3).shuffle(items)
-    loader.setup_loaded(dst)
+    loader.start_load(dst)
     for it in items:
         loader.sink(*it)
     loader.finish(lambda: True)

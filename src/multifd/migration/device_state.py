@@ -111,6 +111,10 @@ class DeviceTransferStats:
     next_idx: int = 0
     config_sent: bool = False
 
+    def report(self) -> dict[str, int]:
+        """This device's share of the report's figures (see device_state_totals)."""
+        return {"device_state_multifd_bytes": self.bytes, "device_state_buffers": self.buffers}
+
 
 class _Parts:
     """A device buffer given as several parts (e.g. a record header and a view of the
@@ -310,17 +314,13 @@ class DeviceStateSaveHandler(DeviceSaveHandler):
             if self.live:
                 self._section(SectionType.END, b"")
             else:
-                data = self.device.save_state()
-                self.full_size = 4 + len(data)
-                self._section(SectionType.FULL, data)
+                self._write_full()
             return False  # the job runs meanwhile; the next rounds wait for it
         self.done = p.wait(_POLL_S)
         return self.done
 
     def stats(self) -> dict[str, int]:
-        st = self.producer.stats
-        return {**super().stats(), "device_state_multifd_bytes": st.bytes,
-                "device_state_buffers": st.buffers}
+        return {**super().stats(), **self.producer.stats.report()}
 
 
 class DeviceStateSaver:
@@ -445,8 +445,10 @@ class DeviceStateLoader:
             raise
 
     # -- main loader ------------------------------------------------------------------------
-    def setup_loaded(self, device: Device) -> None:
-        """A live device's setup section is in: its load job may apply live buffers now."""
+    def start_load(self, device: Device) -> None:
+        """Start ``device``'s load job if it takes multifd state and none runs yet: once its
+        setup section is in (a live device applies live buffers as they come), or at
+        SWITCHOVER_START."""
         key = (device.idstr, device.instance_id)
         if key in self._expected:
             self._start(key)
@@ -555,17 +557,15 @@ class DeviceStateLoadHandler(DeviceLoadHandler):
 
     def __init__(self, device: Device, loader: DeviceStateLoader,
                  channels_done: Callable[[], bool]) -> None:
-        super().__init__(device, on_setup=loader.setup_loaded)
+        super().__init__(device, on_setup=loader.start_load)
         self.loader = loader
         self.channels_done = channels_done
 
     def switchover_start(self) -> None:
-        self.loader.setup_loaded(self.device)
+        self.loader.start_load(self.device)
 
     def load_finish(self) -> None:
         self.loader.finish_device(self.device, self.channels_done)
 
     def stats(self) -> dict[str, int]:
-        st = self.loader.stats[f"{self.idstr}/{self.instance_id}"]
-        return {**super().stats(), "device_state_multifd_bytes": st.bytes,
-                "device_state_buffers": st.buffers}
+        return {**super().stats(), **self.loader.stats[f"{self.idstr}/{self.instance_id}"].report()}

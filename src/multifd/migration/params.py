@@ -36,6 +36,7 @@ __all__ = [
     "MigrationParameters",
     "ParameterError",
     "effective_zero_page_detection",
+    "zero_page_default",
 ]
 
 UINT64_MAX = (1 << 64) - 1
@@ -145,7 +146,7 @@ def _canonical(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _zero_page_default(profile: Profile | None) -> str:
+def zero_page_default(profile: Profile | None) -> str:
     """QEMU 10 finds zero pages in the channels; QEMU 7.2 only on the migration thread."""
     return "multifd" if profile is None or profile.zero_pages_in_multifd else "legacy"
 
@@ -188,7 +189,7 @@ class MigrationParameters:
         with self._lock:
             values = dict(self._values)
             if ZERO_PAGE_DETECTION not in self._explicit:
-                values[ZERO_PAGE_DETECTION] = _zero_page_default(prof)
+                values[ZERO_PAGE_DETECTION] = zero_page_default(prof)
             _check_profile(values, prof)
             object.__setattr__(self, "_values", values)
             object.__setattr__(self, "_profile", prof)

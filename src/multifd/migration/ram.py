@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from multifd.migration.handlers import LoadHandler, SaveHandler
+from multifd.migration.params import zero_page_default
 from multifd.multifd.ram import RamPayload
 from multifd.multifd.slots import SendSlot
 from multifd.wire.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, SectionType, page_count
@@ -92,8 +93,7 @@ class RamSaveHandler(SaveHandler):
         self.sender = sender
         # QEMU's zero-page-detection (params.effective_zero_page_detection); None: the
         # profile's own (multifd for qemu-10, legacy for qemu-7.2).
-        self.zero_page_detection = zero_page_detection or (
-            "multifd" if profile.zero_pages_in_multifd else "legacy")
+        self.zero_page_detection = zero_page_detection or zero_page_default(profile)
         self.blocks: list[RamBlock] = list(machine.blocks.values())
         self.todo = [np.zeros(b.num_pages, dtype=bool) for b in self.blocks]
         # Pages the destination holds a copy of. A zero page never sent needs no transfer:
@@ -161,9 +161,6 @@ class RamSaveHandler(SaveHandler):
                     b.stop_dirty_log()
             except Exception:  # a closed block tracks nothing
                 pass
-
-    def stats(self) -> dict[str, int]:
-        return {"ram_dirty_sync_count": self.counters.dirty_sync_count}
 
     # -- setup ------------------------------------------------------------------------------
     def save_setup(self) -> None:

@@ -96,9 +96,7 @@ class DeviceSaveHandler(SaveHandler):
         if self.done:
             return True
         if not self.live:  # non-iterable: one FULL section at switchover
-            data = self.device.save_state()
-            self.full_size = 4 + len(data)
-            self._section(SectionType.FULL, data)
+            self._write_full()
             self.done = True
             return True
         if not final and self.device.pending() == 0:
@@ -110,6 +108,11 @@ class DeviceSaveHandler(SaveHandler):
         elif data:
             self._section(SectionType.PART, data)
         return done
+
+    def _write_full(self) -> None:
+        data = self.device.save_state()
+        self.full_size = 4 + len(data)
+        self._section(SectionType.FULL, data)
 
     def vmdesc(self) -> dict[str, Any] | None:
         if self.full_size is None:

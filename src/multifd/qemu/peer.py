@@ -40,6 +40,7 @@ import numpy as np
 
 from multifd.machine.ramblock import RamBlock
 from multifd.migration.mainstream import MainStreamWriter
+from multifd.migration.params import PARAMETERS, zero_page_default
 from multifd.migration.profile import Profile
 from multifd.migration.stats import sum_channel_stats
 from multifd.multifd import MultifdError, RamPayload, Receiver, Sender
@@ -86,7 +87,7 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 60.0
 RECV_CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zlib", "zstd")
-ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
+ZERO_PAGE_DETECTION = PARAMETERS["zero-page-detection"].choices
 
 
 class PeerError(Exception):
@@ -158,7 +159,7 @@ def _zero_page_mode(profile: Profile, channels: int, mode: str | None) -> str:
     records go out as recorded, so an explicit mode there would do nothing: refused.
     """
     if mode is None:
-        return "multifd" if profile.zero_pages_in_multifd else "legacy"
+        return zero_page_default(profile)
     if mode not in ZERO_PAGE_DETECTION:
         raise PeerError(f"zero-page-detection must be one of {', '.join(ZERO_PAGE_DETECTION)}"
                         f", not {mode!r}")
