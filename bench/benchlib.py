@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the random blob, the memory warm-up, CPU seconds."""
+"""Helpers shared by the benchmark scripts: the random blob, the memory warm-up, CPU seconds,
+median/min/max figures and the generated sections of bench/README.md."""
 
 from __future__ import annotations
 
@@ -62,12 +63,42 @@ def cpu_since(pid: int, before: dict[str, float]) -> dict[str, float]:
 
 
 def cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Median user+sys CPU seconds of the source and the destination over `runs` (each
-    with `src_cpu_s` / `dst_cpu_s` as cpu_since gives them); None when a side has none."""
+    """Median user+sys CPU seconds of the source and the destination over `runs` (see
+    cpu_spread); None when a side has none."""
+    both = cpu_spread(runs)
+    return None if both is None else {side: fig["median"] for side, fig in both.items()}
+
+
+def spread(values: list[float], nd: int = 3) -> dict[str, float] | None:
+    """{"median", "min", "max"} of `values` (None when there are none): every benchmark
+    figure is reported with its spread over the interleaved runs."""
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), nd), "min": round(min(values), nd),
+            "max": round(max(values), nd)}
+
+
+def cpu_spread(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """spread() of the source's and the destination's user+sys CPU seconds over `runs`
+    (each with `src_cpu_s` / `dst_cpu_s` as cpu_since gives them); None when a side has none."""
     out = {}
     for side in ("src", "dst"):
         vals = [c["user"] + c["sys"] for r in runs if (c := r.get(f"{side}_cpu_s"))]
         if not vals:
             return None
-        out[side] = round(statistics.median(vals), 3)
+        out[side] = spread(vals)
     return out
+
+
+def update_section(path: Path, name: str, text: str) -> None:
+    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path` (the
+    section a benchmark's --markdown regenerates); append the section when it is missing."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old.split(begin, 1)[1]:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)

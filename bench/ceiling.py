@@ -39,7 +39,9 @@ gil_us_per_packet.
 Each path runs `--runs` times, paths interleaved; every figure is the median of the runs.
 
     python bench/ceiling.py [--packets 256] [--runs 5] [--json | --markdown]
-                            [--profile PATH]
+                            [--profile PATH] [--readme bench/README.md]
+
+`--markdown` prints the table and rewrites its section of `--readme` (bench/README.md).
 
 `--profile PATH` instead runs PATH once under cProfile in its channel thread and prints
 the top functions by own time (cProfile's overhead inflates them; read the shares).
@@ -52,6 +54,7 @@ import cProfile
 import io
 import json
 import math
+import pathlib
 import pstats
 import statistics
 import sys
@@ -63,6 +66,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from benchlib import update_section
 from multifd.compress import get_method
 from multifd.machine.ramblock import RamBlock
 from multifd.multifd import RamPayload, Receiver, Sender
@@ -521,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
-    out.add_argument("--markdown", action="store_true")
+    out.add_argument("--markdown", action="store_true",
+                     help="print the markdown table and rewrite its section of --readme")
+    ap.add_argument("--readme", default=None,
+                    help="markdown file whose ceiling section is rewritten (default with "
+                         "--markdown: bench/README.md)")
     out.add_argument("--profile", choices=PATHS, metavar="PATH",
                      help=f"cProfile one run of PATH ({', '.join(PATHS)})")
     args = ap.parse_args(argv)
@@ -538,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
     else:
         print(table(res, args.markdown))
+    readme = args.readme or (pathlib.Path(__file__).resolve().parent / "README.md"
+                             if args.markdown else None)
+    if readme:
+        update_section(pathlib.Path(readme), "ceiling", table(res, markdown=True))
     return 0
 
 

@@ -152,7 +152,7 @@ def qemu_to_ours(version: str, args: argparse.Namespace, blob: Path, image: Path
     port = _free_port()
     cmd = [*_multifd_cli(), "incoming", f"tcp:127.0.0.1:{port}", "--profile", PROFILE[version],
            "--channels", str(args.channels), "--save", str(image), "--json",
-           "--timeout", str(TIMEOUT_S)]
+           "--idle-timeout", str(int(TIMEOUT_S))]
     inc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         q = _qemu_source_into(version, args, blob, port, inc, "multifd incoming")

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "MigrationParameters": "multifd.migration.params",
     "MigrationSource": "multifd.migration.source",
     "MigrationStatus": "multifd.migration.status",
+    "PickleDevice": "multifd.machine.device",
     "Profile": "multifd.migration.profile",
     "QEMU_10": "multifd.migration.profile",
     "QEMU_7_2": "multifd.migration.profile",
@@ -46,6 +47,7 @@ __all__ = [
     "MigrationParameters",
     "MigrationSource",
     "MigrationStatus",
+    "PickleDevice",
     "Profile",
     "RamBlock",
     "__version__",
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
-    from multifd.machine.device import BytesDevice, Device
+    from multifd.machine.device import BytesDevice, Device, PickleDevice
     from multifd.machine.machine import Machine
     from multifd.machine.ramblock import RamBlock
     from multifd.migration.destination import MigrationDestination

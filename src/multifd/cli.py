@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "incoming": "be a real QEMU's migration destination and save an image",
     "serve": "run a machine with a QMP control socket",
     "inspect": "describe a recorded QEMU migration stream or image",
+    "relay": "relay a live migration between two real QEMUs, decoding and transcoding it",
+    "convert": "convert a VM image between a QEMU stream file and a mapped-ram file",
 }
 
 

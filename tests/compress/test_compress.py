@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -329,27 +330,40 @@ def test_random_payloads_only_raise_wire_errors() -> None:
                 pass
 
 
-# --------------------------------------------------------------------------- zstd into RAM
+# --------------------------------------------------------------------------- into RAM
+
+
+def _into_and_bytes_paths(method: str) -> tuple[Any, Any, type]:
+    """(module, a new into-RAM decompressor factory, the decompress + copy class), or a
+    skip when this host's libz / libzstd cannot be loaded through ctypes."""
+    from multifd.compress import zlib as zlmod
+    from multifd.compress import zstd as zsmod
+
+    mod: Any = zsmod if method == "zstd" else zlmod
+    if mod._LIB is None:
+        pytest.skip(f"environment: this host has no {'libzstd' if method == 'zstd' else 'libz'}"
+                    " that ctypes can load (the into-RAM receiver needs its streaming API)")
+    if method == "zstd":
+        return mod, lambda: zsmod.ZstdIntoDecompressor(zsmod._LIB), zsmod.ZstdStreamDecompressor
+    return mod, lambda: zlmod.ZlibIntoDecompressor(zlmod._LIB), zlmod.ZlibDecompressor
 
 
 @pytest.mark.parametrize("qemu", ["7.2", "10"])
-def test_zstd_into_ram_matches_the_bytes_path_on_a_qemu_channel(qemu: str) -> None:
-    """The libzstd-into-the-buffer receiver decodes a real multi-packet channel exactly as
-    the binding's decompress + copy does (one context per channel, packet after packet)."""
-    from multifd.compress import zstd as zmod
-
-    if zmod._LIB is None:
-        pytest.skip("environment: this host has no libzstd that ctypes can load (neither the "
-                    "zstd binding's extension nor a system libzstd exports "
-                    "ZSTD_decompressStream)")
-    path = (sorted((Q72 / "multifd2-zstd").glob("conn[12]-src2dst.bin"))[0] if qemu == "7.2"
-            else sorted((Q10 / "multifd2-zstd").glob("chan-*.bin"))[1])
+@pytest.mark.parametrize("method", ["zstd", "zlib"])
+def test_into_ram_matches_the_bytes_path_on_a_qemu_channel(method: str, qemu: str) -> None:
+    """The into-the-buffer receiver (libzstd / libz through ctypes) decodes a real
+    multi-packet channel exactly as the binding's decompress + copy does (one stream per
+    channel, packet after packet), touching nothing outside the view."""
+    _, into, old_cls = _into_and_bytes_paths(method)
+    path = (sorted((Q72 / f"multifd2-{method}").glob("conn[12]-src2dst.bin"))[0]
+            if qemu == "7.2" else sorted((Q10 / f"multifd2-{method}").glob("chan-*.bin"))[1])
+    flag = MultifdFlag.ZSTD if method == "zstd" else MultifdFlag.ZLIB
     dec = ChannelDecoder(PacketLayout.V7_2 if qemu == "7.2" else None, blocks=BLOCKS,
-                         compression_flag=int(MultifdFlag.ZSTD))
+                         compression_flag=int(flag))
     dec.receive_data(path.read_bytes())
     dec.receive_eof()
-    new, old = zmod.ZstdIntoDecompressor(zmod._LIB), zmod.ZstdStreamDecompressor()
-    assert isinstance(get_method("zstd").new_decompressor(), zmod.ZstdIntoDecompressor)
+    new, old = into(), old_cls()
+    assert type(get_method(method).new_decompressor()) is type(new)
     packets = 0
     while not isinstance(ev := dec.next_event(), EndOfChannel):
         if isinstance(ev, RamPacket) and ev.header.normal_pages:
@@ -364,22 +378,36 @@ def test_zstd_into_ram_matches_the_bytes_path_on_a_qemu_channel(qemu: str) -> No
     assert packets > 3
 
 
-def test_zstd_into_ram_rejects_short_long_and_ended_payloads() -> None:
-    from multifd.compress import zstd as zmod
-
-    if zmod._LIB is None:
-        pytest.skip("environment: this host has no libzstd that ctypes can load (neither the "
-                    "zstd binding's extension nor a system libzstd exports "
-                    "ZSTD_decompressStream)")
+@pytest.mark.parametrize("method", ["zstd", "zlib"])
+def test_into_ram_rejects_short_long_and_ended_payloads(method: str) -> None:
+    _, into, _ = _into_and_bytes_paths(method)
     pages = pages_of("text", 4)
-    payload = b"".join(get_method("zstd").new_compressor().compress_packet(pages))
-    d = zmod.ZstdIntoDecompressor(zmod._LIB)
+    payload = b"".join(get_method(method).new_compressor().compress_packet(pages))
     with pytest.raises(BadLength, match="more than"):
-        d.decompress_packet(payload, memoryview(bytearray(3 * PAGE)))
-    d = zmod.ZstdIntoDecompressor(zmod._LIB)
+        into().decompress_packet(payload, memoryview(bytearray(3 * PAGE)))
     with pytest.raises(BadLength, match="expected"):
-        d.decompress_packet(payload, memoryview(bytearray(5 * PAGE)))
-    ended = ZstdCompressor().compress(b"".join(pages), mode=ZstdCompressor.FLUSH_FRAME)
+        into().decompress_packet(payload, memoryview(bytearray(5 * PAGE)))
+    ended = (ZstdCompressor().compress(b"".join(pages), mode=ZstdCompressor.FLUSH_FRAME)
+             if method == "zstd" else zlib.compress(b"".join(pages)))
     with pytest.raises(WireError, match="ended"):
-        zmod.ZstdIntoDecompressor(zmod._LIB).decompress_packet(
-            ended, memoryview(bytearray(4 * PAGE)))
+        into().decompress_packet(ended, memoryview(bytearray(4 * PAGE)))
+
+
+def test_zstd_into_ram_window_buffers_are_page_aligned() -> None:
+    """libzstd's buffers come from the page-aligned allocator (why: zstd.py
+    _PageAlignedMem), and everything it allocated is handed back when the context goes."""
+    _, into, _ = _into_and_bytes_paths("zstd")
+    d = into()
+    if d._mem is None:
+        pytest.skip("environment: this libzstd does not export ZSTD_createDCtx_advanced")
+    pages = pages_of("random", 130)
+    payload = b"".join(get_method("zstd").new_compressor().compress_packet(pages))
+    out = bytearray(130 * PAGE)
+    d.decompress_packet(payload, memoryview(out))
+    assert bytes(out) == b"".join(pages)
+    blocks = dict(d._mem._blocks)
+    assert len(blocks) >= 2  # the context and its window/input buffers
+    assert all(addr % PAGE == 0 for addr in blocks)
+    mem = d._mem
+    del d
+    assert not mem._blocks

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from multifd.machine.tracking import available_modes
+
 
 @pytest.mark.parametrize(
     "extra",
@@ -32,6 +34,9 @@ def test_demo_json_report(extra: list[str]) -> None:
     assert report["ram"]["normal"] > 0
     assert report["downtime_ms"] >= 0
     assert len(report["channel_stats"]) == 2
+    # the source RAM's write tracking: "auto" picks the first kernel mode that works here
+    modes = available_modes()
+    assert report["tracking"] == next((m for m in modes if modes[m] is None), "manual")
 
 
 def test_demo_human_report() -> None:

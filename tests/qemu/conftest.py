@@ -143,7 +143,7 @@ def record(vms: Vms, version: str, tmp: Path, *, channels: int, compression: str
     image = tmp / f"{version}-{machine}-{channels}-{compression}.img"
     inc = Incoming(f"unix:{tmp}/in.sock", image, "--profile", PROFILE[version],
                    "--channels", str(channels), "--compression", compression,
-                   "--timeout", "20", *extra)
+                   "--idle-timeout", "20", *extra)
     try:
         src.migrate(inc.uri)
         src.wait_migration(timeout=30)
@@ -165,7 +165,7 @@ def replay(vms: Vms, version: str, image: Path, tmp: Path, *, channels: int,
     uri = f"unix:{tmp}/out.sock"
     dst.migrate_incoming(uri)
     res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--channels",
-                  str(channels), "--compression", compression, "--json", "--timeout", "20",
+                  str(channels), "--compression", compression, "--json", "--idle-timeout", "20",
                   *extra)
     assert res.returncode == 0, f"multifd migrate failed: {res.stderr}"
     dst.wait_migration(timeout=30)

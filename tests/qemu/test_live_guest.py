@@ -42,7 +42,7 @@ def test_running_guest_recorded_and_replayed(tmp_path: Path, channels: int) -> N
         time.sleep(0.3)  # it is now rewriting its working set continuously
         assert src.status() == "running"
         inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", "qemu-7.2",
-                       "--channels", str(channels), "--timeout", "30")
+                       "--channels", str(channels), "--idle-timeout", "30")
         src.migrate(inc.uri)
         info = src.wait_migration(timeout=60)
         summary = inc.result()
@@ -59,7 +59,7 @@ def test_running_guest_recorded_and_replayed(tmp_path: Path, channels: int) -> N
         uri = f"unix:{tmp_path}/out.sock"
         dst.migrate_incoming(uri)
         res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels",
-                      str(channels), "--timeout", "30")
+                      str(channels), "--idle-timeout", "30")
         assert res.returncode == 0, res.stderr
         dst.wait_migration(timeout=60)
         loaded = _working_set(dst)

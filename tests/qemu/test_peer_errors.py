@@ -1,5 +1,5 @@
 """Mismatched settings and bad input against QEMU 7.2 and 10.0: a one-line error from our
-side, a non-zero exit, no hang (every wait is bounded by --timeout), and the QEMU peer in
+side, a non-zero exit, no hang (every wait is bounded by --idle-timeout), and the QEMU peer in
 the state QEMU itself puts it in (read off repeated runs of each case):
 
 * it keeps waiting for the rest of the migration (still ``inmigrate``, QMP answering) when
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(90),
               pytest.mark.parametrize("version", ["7.2", "10.0"])]
 
 UUID = "6a1c2b3d-0000-4000-8000-0123456789ab"
-SHORT = "3"  # --timeout for the cases that must time out
+SHORT = "3"  # --idle-timeout for the cases that must time out
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +71,23 @@ def _one_line(stderr: str) -> str:
 
 def _incoming_fails(vms: Vms, tmp: Path, version: str, *, src_channels: int,
                     src_compression: str = "none", src_uuid: str | None = None,
-                    args: tuple[str, ...]) -> str:
+                    args: tuple[str, ...], may_finish_sending: bool = False) -> str:
     src = vms.start(version, "src", pattern=True, uuid=src_uuid)
     set_multifd(src, src_channels, src_compression)
     inc = Incoming(f"unix:{tmp}/in.sock", tmp / "x.img", "--profile", PROFILE[version],
-                   "--timeout", SHORT, *args)
+                   "--idle-timeout", SHORT, *args)
     src.migrate(inc.uri)
     _out, err = inc.finish(30)
     assert inc.proc.returncode == 1
     assert not (tmp / "x.img").exists()
     info = src.wait_migration(timeout=20, check=False)
-    assert info["status"] == "failed"
-    assert src.status() == "prelaunch"  # the source VM is untouched (still paused)
+    if may_finish_sending and version == "7.2" and info["status"] == "completed":
+        # QEMU 7.2 has no return path: when its whole (compressed) guest fit in the socket
+        # buffers before we read a packet, it finished on its side (as towards QEMU).
+        assert src.status() == "postmigrate"
+    else:
+        assert info["status"] == "failed"
+        assert src.status() == "prelaunch"  # the source VM is untouched (still paused)
     return _one_line(err)
 
 
@@ -99,7 +104,8 @@ def test_incoming_wrong_channel_count(vms: Vms, tmp_path: Path, version: str) ->
 
 def test_incoming_wrong_compression(vms: Vms, tmp_path: Path, version: str) -> None:
     line = _incoming_fails(vms, tmp_path, version, src_channels=2, src_compression="zlib",
-                           args=("--channels", "2", "--compression", "none"))
+                           args=("--channels", "2", "--compression", "none"),
+                           may_finish_sending=True)
     assert "compression" in line
 
 
@@ -148,7 +154,7 @@ def test_migrate_truncated_image(vms: Vms, tmp_path: Path, image: Path, version:
             assert run_cli("inspect", str(bad)).returncode == 2
         dst, uri = _dst(vms, tmp_path, version, 2)
         res = run_cli("migrate", str(bad), uri, "--profile", PROFILE[version], "--channels", "2",
-                      "--timeout", SHORT, timeout=30)
+                      "--idle-timeout", SHORT, timeout=30)
         assert res.returncode == 1
         assert "bad.img" in _one_line(res.stderr)
         # Nothing was sent: the destination still waits and takes a good image.
@@ -168,8 +174,8 @@ def test_migrate_truncated_image(vms: Vms, tmp_path: Path, image: Path, version:
 def test_migrate_wrong_channel_count(vms: Vms, tmp_path: Path, image: Path, version: str,
                                      dst_channels: int, args: tuple[str, ...]) -> None:
     dst, uri = _dst(vms, tmp_path, version, dst_channels)
-    res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--timeout", SHORT,
-                  *args, timeout=30)
+    res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version],
+                  "--idle-timeout", SHORT, *args, timeout=30)
     assert res.returncode == 1
     line = _one_line(res.stderr)
     assert "multifd-channels" in line
@@ -184,7 +190,7 @@ def test_migrate_wrong_compression(vms: Vms, tmp_path: Path, image: Path,
                                    version: str) -> None:
     dst, uri = _dst(vms, tmp_path, version, 2, "none")
     res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--channels", "2",
-                  "--compression", "zstd", "--timeout", SHORT, timeout=30)
+                  "--compression", "zstd", "--idle-timeout", SHORT, timeout=30)
     assert res.returncode == 1
     assert "multifd-compression = zstd" in _one_line(res.stderr)
     if version == "7.2":
@@ -196,7 +202,7 @@ def test_migrate_wrong_compression(vms: Vms, tmp_path: Path, image: Path,
 def test_migrate_wrong_uuid(vms: Vms, tmp_path: Path, image: Path, version: str) -> None:
     dst, uri = _dst(vms, tmp_path, version, 2, uuid=UUID)
     res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--channels", "2",
-                  "--timeout", SHORT, timeout=30)
+                  "--idle-timeout", SHORT, timeout=30)
     assert res.returncode == 1
     assert "-uuid = 00000000-0000-0000-0000-000000000000" in _one_line(res.stderr)
     mismatch = (r"failed to receive packet via multifd channel \d: multifd: received uuid "

@@ -51,7 +51,7 @@ def test_qemu_tls_record_and_replay(tmp_path: Path, version: str) -> None:
         src.cmd("migrate-set-parameters", **{"tls-creds": "tls0",
                                              "tls-hostname": "localhost"})
         inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", PROFILE[version],
-                       "--channels", "2", "--timeout", "20", "--tls-creds", str(creds),
+                       "--channels", "2", "--idle-timeout", "20", "--tls-creds", str(creds),
                        "--tls-authz", "multifd-source")
         try:
             src.migrate(inc.uri)
@@ -72,7 +72,7 @@ def test_qemu_tls_record_and_replay(tmp_path: Path, version: str) -> None:
         uri = f"unix:{tmp_path}/out.sock"
         dst.migrate_incoming(uri)
         res = run_cli("migrate", str(image), uri, "--profile", PROFILE[version], "--channels",
-                      "2", "--json", "--timeout", "20", "--tls-creds", str(creds),
+                      "2", "--json", "--idle-timeout", "20", "--tls-creds", str(creds),
                       "--tls-hostname", "localhost")
         assert res.returncode == 0, (f"multifd migrate failed: {res.stderr}; destination: "
                                      f"{dst.query_migrate()} {dst.log()[-2000:]}")
@@ -111,7 +111,7 @@ def refused_by_qemu72(tmp_path_factory: pytest.TempPathFactory) -> Refusal:
         set_multifd(src, 1, "none")
         src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
         inc = Incoming(f"unix:{tmp_path}/in.sock", image, "--profile", "qemu-7.2",
-                       "--channels", "1", "--timeout", "20", "--tls-creds", str(good))
+                       "--channels", "1", "--idle-timeout", "20", "--tls-creds", str(good))
         src.migrate(inc.uri)
         src.wait_migration(timeout=30)
         inc.result()
@@ -124,7 +124,7 @@ def refused_by_qemu72(tmp_path_factory: pytest.TempPathFactory) -> Refusal:
         uri = f"unix:{tmp_path}/out.sock"
         dst.migrate_incoming(uri)
         res = run_cli("migrate", str(image), uri, "--profile", "qemu-7.2", "--channels", "1",
-                      "--timeout", "10", "--tls-creds", str(stranger),
+                      "--idle-timeout", "10", "--tls-creds", str(stranger),
                       "--tls-hostname", "localhost")
         return Refusal(res.returncode, res.stderr, dst.log(), dst.status(), uri)
     finally:

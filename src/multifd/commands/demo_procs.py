@@ -16,11 +16,12 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["demo_params", "emit", "read_events", "start_child"]
+__all__ = ["demo_params", "emit", "read_events", "source_state", "start_child"]
 
 
 def demo_params(args: argparse.Namespace) -> Any:
     """The (MigrationParameters, MigrationCapabilities) a demo child migrates with."""
+    from multifd.commands.policy_options import policy_settings
     from multifd.migration.params import MigrationCapabilities, MigrationParameters
     from multifd.transport.tls import tls_params
 
@@ -30,11 +31,19 @@ def demo_params(args: argparse.Namespace) -> Any:
         "multifd-compression": args.compression,
         "downtime-limit": args.downtime_limit,
         "max-bandwidth": args.max_bandwidth,
+        "mode": getattr(args, "mode", "normal"),
         **tls_params(args),
+        **policy_settings(args),
     })
     caps = MigrationCapabilities()
     caps.set([{"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
     return params, caps
+
+
+def source_state(machine: Any, step: int) -> dict[str, Any]:
+    """A failed source's state, its workload stopped at `step`: still running? its
+    checksum (the parent compares it with the computation run straight to `step`)."""
+    return {"running": machine.is_running, "step": step, "checksum": machine.checksum()}
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -51,14 +60,17 @@ def start_child(args: argparse.Namespace, role: str, uri: str | None = None,
            "--compression", args.compression, "--profile", args.profile,
            "--dirty-rate", str(args.dirty_rate), "--downtime-limit", str(args.downtime_limit),
            "--max-bandwidth", str(args.max_bandwidth), "--steps", str(args.steps),
-           "--seed", str(args.seed), "--device-state-via", args.device_state_via]
+           "--seed", str(args.seed), "--device-state-via", args.device_state_via,
+           "--mode", getattr(args, "mode", "normal")]
     if args.device_state:  # parse_size refuses 0 (the default: no device)
         cmd += ["--device-state", str(args.device_state)]
     if uri:
         cmd += ["--uri", uri]
+    from multifd.commands.policy_options import policy_argv
     from multifd.transport.tls import tls_argv
 
     cmd += tls_argv(args)
+    cmd += policy_argv(args)
     cmd += extra or []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin, text=True,
                             env=os.environ.copy())

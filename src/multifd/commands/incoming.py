@@ -1,7 +1,9 @@
-"""`multifd incoming URI --profile P [--channels N] [--compression C] [--uuid U] --save IMAGE`.
+"""`multifd incoming URI --profile P [--channels N] [--compression C] [--uuid U] --save IMAGE
+[--format stream|mapped-ram] [--save-channels N]`.
 
 Be the destination of a real QEMU migration and save what arrived as IMAGE, a QEMU stream
-file (`qemu -incoming "exec:cat IMAGE"` loads it; `multifd migrate` replays it).
+file (`qemu -incoming "exec:cat IMAGE"` loads it; `multifd migrate` replays it) or a
+mapped-ram file (QEMU loads it with `migrate-incoming file:IMAGE` and mapped-ram on).
 Exit codes: 0 ok, 1 error (one stderr line `error: ...`).
 """
 
@@ -13,6 +15,18 @@ import sys
 import time
 
 from multifd.cli import channels_arg
+from multifd.commands.convert import add_format_arguments, save_image
+from multifd.commands.policy_options import (
+    add_policy_options,
+    completion_deadline,
+    peer_timeouts,
+)
+from multifd.commands.timeline_options import (
+    PeerRecorder,
+    add_timeline_options,
+    check_timeline_options,
+)
+from multifd.migration.policy import PolicyError
 from multifd.migration.profile import PROFILES, get_profile
 from multifd.qemu.peer import DEFAULT_TIMEOUT_S, PeerError, parse_uuid, receive_from_qemu
 from multifd.transport.tls import TlsConfig, add_tls_arguments
@@ -35,9 +49,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="multifd compression, as QEMU's multifd-compression")
     parser.add_argument("--uuid", default=None, help=UUID_HELP)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                        help=f"bound on every wait, seconds (default {DEFAULT_TIMEOUT_S:g})")
     add_tls_arguments(parser)
+    add_policy_options(parser, peer_wait=DEFAULT_TIMEOUT_S)  # --idle-timeout: every wait
+    add_timeline_options(parser)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("uri", metavar="URI", help="where to listen: tcp:HOST:PORT or "
                         "unix:PATH (also exec:/file: with multifd off)")
     parser.add_argument("--save", required=True, metavar="IMAGE", help="image file to write")
+    add_format_arguments(parser)
     add_common(parser)
 
 
@@ -54,19 +69,24 @@ def _listening(address: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (why := check_timeline_options(args)) is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 1
+    recorder = PeerRecorder(args, "destination")
     try:
         uuid = parse_uuid(args.uuid) if args.uuid else None
+        wait, deadline = peer_timeouts(args, DEFAULT_TIMEOUT_S, None)
         t0 = time.monotonic()
-        image, stats = receive_from_qemu(
-            args.uri, profile=get_profile(args.profile), channels=args.channels,
-            compression=args.compression, uuid=uuid, timeout=args.timeout,
-            on_listen=_listening, tls=TlsConfig.from_args(args))
+        with completion_deadline(deadline, "incoming migration"):
+            image, stats = receive_from_qemu(
+                args.uri, profile=get_profile(args.profile), channels=args.channels,
+                compression=args.compression, uuid=uuid, timeout=wait,
+                on_listen=_listening, tls=TlsConfig.from_args(args),
+                observe=recorder.observe)
         with image:
-            from multifd.qemu.image import write_image
-
-            size = write_image(image, args.save)
+            size = save_image(image, args.save, args.format, args.save_channels)
         total_ms = (time.monotonic() - t0) * 1000
-    except PeerError as e:
+    except (PeerError, PolicyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -76,4 +96,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"received {stats.machine}: {stats.normal_pages} pages + {stats.zero_pages} zero "
               f"pages in {stats.time_ms:.0f} ms; saved {args.save} ({size} bytes)")
-    return 0
+    return recorder.finish()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn, TextIO
 
 from multifd.qemu.inspect import InspectError, InspectResult, inspect_files, resolve_dump_spec
 from multifd.wire.errors import WireError
+from multifd.wire.ram import RamBlockInfo
 
 HELP = "decode a recorded migration (main stream + multifd channels), dump guest RAM"
 
@@ -61,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
     try:
         if args.json:
-            json.dump(result.to_json(), sys.stdout, indent=2)
+            doc = result.to_json()
+            if result.mapped_ram_present:
+                doc["file_bytes"] = file_sizes(result.main_file)
+            json.dump(doc, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             print_text(result, sys.stdout)
@@ -82,6 +88,10 @@ def print_text(r: InspectResult, out: TextIO) -> None:
     for b in r.ram_blocks:
         extra = f"  mapped-ram pages at {b.mapped_ram.pages_offset:#x}" if b.mapped_ram else ""
         w(f"  {b.name:<28} {b.used_length:>14,}{extra}\n")
+        if b.mapped_ram is not None:
+            print_mapped_ram_block(b, r.mapped_ram_present.get(b.name, 0), w)
+    if any(b.mapped_ram is not None for b in r.ram_blocks):
+        print_file_size(r.main_file, w)
     w(f"pages: {r.normal_pages:,} normal, {r.zero_pages:,} zero "
       f"(main stream {r.main_normal_pages:,} normal / {r.main_zero_pages:,} zero"
       f"{f', mapped-ram {r.mapped_ram_pages:,}' if r.mapped_ram_pages else ''})\n")
@@ -101,6 +111,35 @@ def print_text(r: InspectResult, out: TextIO) -> None:
     if r.devices:
         w(f"devices (vmdesc, {len(r.devices)}): "
           + ", ".join(f"{d['name']}/{d['instance_id']}" for d in r.devices) + "\n")
+
+
+def print_mapped_ram_block(b: RamBlockInfo, present: int, w: Callable[[str], object]) -> None:
+    """A mapped-ram block's header and how many of its pages the bitmap holds."""
+    h = b.mapped_ram
+    assert h is not None
+    total = b.used_length // h.page_size if h.page_size else 0
+    w(f"    header: version {h.version}, page_size {h.page_size:#x}, bitmap_offset "
+      f"{h.bitmap_offset:#x}, pages_offset {h.pages_offset:#x}; pages present {present:,}, "
+      f"absent {total - present:,}\n")
+
+
+def file_sizes(path: str) -> dict[str, int] | None:
+    """A sparse file's apparent size and what the file system allocated (None for a .gz
+    or an unreadable file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if path.endswith(".gz"):
+        return None
+    return {"apparent": st.st_size, "allocated": st.st_blocks * 512}
+
+
+def print_file_size(path: str, w: Callable[[str], object]) -> None:
+    sizes = file_sizes(path)
+    if sizes is not None:
+        w(f"file: apparent {sizes['apparent']:,} bytes, allocated {sizes['allocated']:,} "
+          "bytes\n")
 
 
 class _Parser(argparse.ArgumentParser):

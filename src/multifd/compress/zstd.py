@@ -1,7 +1,8 @@
 """The zstd method (QEMU multifd-zstd.c): one never-closed zstd frame per channel.
 
-Per packet: one compress call over the packet's pages joined in a bounce buffer, in
-FLUSH_BLOCK mode (ZSTD_e_flush), so the receiver can decode the packet completely. Levels
+Per packet: one compress call in FLUSH_BLOCK mode (ZSTD_e_flush), so the receiver can
+decode the packet completely: over the one view of RAM a run of consecutive pages is (the
+common packet, no copy), scattered pages joined first. Levels
 0..20, default 1 (libzstd reads 0 as its default level 3, as in QEMU). The receiver bounds
 its output to len(out) + 1 bytes, so a bomb never inflates further.
 Uses `compression.zstd` (Python >= 3.14) or its backport `backports.zstd`.
@@ -13,6 +14,16 @@ view as its output buffer: one DCtx per channel, the GIL released for the whole 
 intermediate bytes. The libzstd is the one the binding's extension already loaded (it
 exports the ZSTD_* symbols, or links the system libzstd); the system library is tried next,
 and without either the binding's `decompress` + one copy is used.
+
+Sending stays with the binding: it sizes its output to ZSTD_compressBound at once and
+releases the GIL for the codec. Measured against a ctypes
+ZSTD_compressStream2 fed each page view from RAM (issue #17, random pages, thread CPU per
+512 KiB packet, medians of 7): one view 216 vs 214 us; 4 views 244 (join) vs 254; 16 views
+228 vs 314 (per-call overhead, and zstd copies small inputs into its own buffer anyway);
+reusing a ring of 8 output buffers per channel cost 256 vs 234 us (cache-cold output).
+The GIL: perf puts ~11% of the binding's call outside ZSTD_compressStream2 (the copy of
+its output into an exact-size bytes, ~20 us per packet, GIL held); the ctypes call saves
+that but a fresh output buffer per packet page-faults (clear_page 2.3% of samples vs 0.4%).
 """
 
 from __future__ import annotations
@@ -47,6 +58,53 @@ class _OutBuffer(ctypes.Structure):
 
 
 _ERROR_MIN = (1 << 64) - 200  # ZSTD_isError(code) only for codes this large (-maxCode..-1)
+PAGE = 4096
+
+_ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _CustomMem(ctypes.Structure):
+    """ZSTD_customMem (zstd.h, experimental API, exported by the library since 1.0)."""
+
+    _fields_ = [("customAlloc", _ALLOC), ("customFree", _FREE), ("opaque", ctypes.c_void_p)]
+
+
+class _PageAlignedMem:
+    """A ZSTD_customMem whose blocks start on a page boundary.
+
+    Why: libzstd copies each raw (incompressible) block from the payload into its window
+    buffer with memcpy. glibc's memcpy uses `rep movsb` for such sizes, and on AMD Zen
+    CPUs (glibc 2.36 does not steer around it there) `rep movsb` runs ~20x slower when
+    the destination is 1..31 bytes past the source modulo 4096 (measured here: a 128 KiB
+    copy 80 us instead of 4 us). With malloc'd buffers whether a channel hits that was
+    luck (issue #17: 300 us of the ~390 us per 512 KiB packet, varying from context to
+    context). libzstd allocates its input and window buffers as one block, the window one
+    128 KiB block size past its start, so page-aligned blocks and a page-aligned payload
+    buffer (the receiver's) put each copy's destination just before its source: the fast
+    case. Measured (bench/ceiling.py recv_zstd, channel CPU per 512 KiB packet, 5 rounds,
+    machine loaded): malloc'd buffers 352 us (203-457), page-aligned 156 us (124-185).
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, np.ndarray] = {}
+        self._alloc_cb = _ALLOC(self._alloc)
+        self._free_cb = _FREE(self._free)
+        self.struct = _CustomMem(self._alloc_cb, self._free_cb, None)
+
+    def _alloc(self, _opaque: int | None, size: int) -> int | None:
+        try:
+            raw = np.empty(size + PAGE, np.uint8)
+        except MemoryError:
+            return None  # libzstd reports memory_allocation
+        addr = raw.ctypes.data
+        addr += -addr % PAGE
+        self._blocks[addr] = raw
+        return addr
+
+    def _free(self, _opaque: int | None, addr: int | None) -> None:
+        if addr:
+            self._blocks.pop(addr, None)
 
 
 def _load_libzstd() -> ctypes.CDLL | None:
@@ -76,6 +134,9 @@ def _load_libzstd() -> ctypes.CDLL | None:
                 continue
             lib.ZSTD_createDCtx.restype = ctypes.c_void_p
             lib.ZSTD_createDCtx.argtypes = []
+            if hasattr(lib, "ZSTD_createDCtx_advanced"):
+                lib.ZSTD_createDCtx_advanced.restype = ctypes.c_void_p
+                lib.ZSTD_createDCtx_advanced.argtypes = [_CustomMem]
             lib.ZSTD_freeDCtx.restype = ctypes.c_size_t
             lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
             lib.ZSTD_decompressStream.restype = ctypes.c_size_t
@@ -134,7 +195,12 @@ class ZstdIntoDecompressor(Decompressor):
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
-        self._dctx = lib.ZSTD_createDCtx()
+        self._mem: _PageAlignedMem | None = None
+        if hasattr(lib, "ZSTD_createDCtx_advanced"):
+            self._mem = _PageAlignedMem()
+            self._dctx = lib.ZSTD_createDCtx_advanced(self._mem.struct)
+        else:
+            self._dctx = lib.ZSTD_createDCtx()
         if not self._dctx:
             raise MemoryError("ZSTD_createDCtx failed")
         self._in = _InBuffer()

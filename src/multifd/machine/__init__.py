@@ -1,6 +1,6 @@
 """What migrates: RAM blocks, devices, the machine's run state, and the device WorkerPool."""
 
-from .device import BytesDevice, Device, DeviceStateError, StateBufferQueue
+from .device import BytesDevice, Device, DeviceStateError, PickleDevice, StateBufferQueue
 from .machine import Machine, RunState, copy_state
 from .ramblock import RamBlock
 from .workers import Aborted, Job, WorkerError, WorkerPool
@@ -12,6 +12,7 @@ __all__ = [
     "DeviceStateError",
     "Job",
     "Machine",
+    "PickleDevice",
     "RamBlock",
     "RunState",
     "StateBufferQueue",

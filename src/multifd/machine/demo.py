@@ -350,10 +350,16 @@ def build_demo_machine(
     pages_per_step: int = 64,
     populate: bool = True,
     device_state_via_multifd: bool = True,
+    backing: str = "anon",
+    tracking: str | None = None,
 ) -> Machine:
-    """The demo machine. ``populate=False`` builds an empty destination (zeroed memory)."""
-    ram = RamBlock(RAM_BLOCK, ram_size)
-    bios = RamBlock(BIOS_BLOCK, BIOS_SIZE)
+    """The demo machine. ``populate=False`` builds an empty destination (zeroed memory);
+    ``backing="memfd"`` for a cpr-transfer handover. The RAM block's write tracking
+    (``tracking``) defaults to "auto" on a source (the kernel's answer merged with the
+    workload's marks), "manual" on a destination (the migration writes it)."""
+    tracking = tracking or ("auto" if populate else "manual")
+    ram = RamBlock(RAM_BLOCK, ram_size, backing=backing, tracking=tracking)
+    bios = RamBlock(BIOS_BLOCK, BIOS_SIZE, backing=backing)
     if populate:
         _fill(ram.array, seed, 0)
         _fill(bios.array, seed, 1)
@@ -398,6 +404,10 @@ class DemoWorkload:
                 raise ValueError("pages_per_step must be >= 1")
             cpu.pages_per_step = pages_per_step
         self.dirty_rate_mib_s = dirty_rate_mib_s
+        # What this workload really dirtied (pages marked), with a coarse history so a
+        # report can take the count over the same span as the migration's measurement.
+        self.pages_dirtied = 0
+        self._history: list[tuple[float, int]] = [(time.monotonic(), 0)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -410,7 +420,7 @@ class DemoWorkload:
 
     def step(self) -> None:
         """Run step ``cpu.step`` and advance the counter (call only at a safe point)."""
-        _run_step(self.machine, self.cpu)
+        self._count(_run_step(self.machine, self.cpu))
 
     # -- threads ------------------------------------------------------------------------
 
@@ -431,7 +441,21 @@ class DemoWorkload:
                     break
                 if cpu.step >= cpu.total_steps:
                     break
-                _run_step(machine, cpu)
+                self._count(_run_step(machine, cpu))
+
+    def _count(self, pages: int) -> None:
+        self.pages_dirtied += pages
+        now = time.monotonic()
+        if now - self._history[-1][0] >= 0.02:
+            self._history.append((now, self.pages_dirtied))
+
+    def pages_dirtied_between(self, t0: float, t1: float) -> float:
+        """Pages this workload marked dirty between two `time.monotonic` instants
+        (interpolated between the history's 20 ms points)."""
+        hist = [*self._history, (time.monotonic(), self.pages_dirtied)]
+        ts = np.array([t for t, _ in hist])
+        ns = np.array([n for _, n in hist], dtype=float)
+        return float(np.interp(t1, ts, ns) - np.interp(t0, ts, ns))
 
     def _thread_main(self) -> None:
         try:
@@ -481,7 +505,8 @@ class DemoWorkload:
         self._loop()
 
 
-def _run_step(machine: Machine, cpu: CpuDevice) -> None:
+def _run_step(machine: Machine, cpu: CpuDevice) -> int:
+    """One step; returns the RAM pages it marked dirty."""
     k = cpu.step
     seed = cpu.seed
     ram = machine.block(RAM_BLOCK)
@@ -510,6 +535,7 @@ def _run_step(machine: Machine, cpu: CpuDevice) -> None:
         big.mutate(seed, k)
     cpu.acc = acc
     cpu.step = k + 1
+    return int(idx.size) + (k % 16 == 0)
 
 
 def expected_checksum(

@@ -18,17 +18,26 @@ How the migration drives a device (source side):
 
 ``save_state()`` of a live or multifd-state device must carry only what its other path does
 not. :class:`StateBufferQueue` is the reusable destination-side reassembler.
+
+Before anything is accepted, the destination calls every device's
+``check_incoming(secure=...)`` (secure: the channel authenticates the source, i.e. TLS), so
+a device that must not load from an unauthenticated peer refuses up front:
+:class:`PickleDevice` does (see its trust model).
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["BytesDevice", "Device", "DeviceStateError", "StateBufferQueue"]
+__all__ = ["BytesDevice", "Device", "DeviceStateError", "PickleDevice", "StateBufferQueue"]
+
+# Fixed, not HIGHEST_PROTOCOL: source and destination may run different Pythons.
+PICKLE_PROTOCOL = 5
 
 
 class DeviceStateError(Exception):
@@ -115,6 +124,11 @@ class Device(abc.ABC):
         destination then waits for the load job instead of failing)."""
         return None
 
+    def check_incoming(self, *, secure: bool) -> None:
+        """Called on the destination before the migration is accepted; ``secure``: the
+        channel authenticates the source (TLS). Raise to refuse the migration."""
+        return None
+
     # -- verification ----------------------------------------------------------------------
 
     def checksum(self) -> str:
@@ -133,6 +147,13 @@ def join_buffer(buf: Any) -> bytes:
     return bytes(buf)
 
 
+def _check_version(device: Device, version_id: int) -> None:
+    if version_id > device.version_id:
+        raise DeviceStateError(
+            f"device {device.idstr!r}: state version {version_id} newer than "
+            f"supported {device.version_id}")
+
+
 class BytesDevice(Device):
     """A non-live device whose whole state is one bytes object (tests, small devices)."""
 
@@ -148,12 +169,64 @@ class BytesDevice(Device):
         return self.data
 
     def load_state(self, data: bytes, version_id: int) -> None:
-        if version_id > self.version_id:
-            raise DeviceStateError(
-                f"device {self.idstr!r}: state version {version_id} newer than "
-                f"supported {self.version_id}"
-            )
+        _check_version(self, version_id)
         self.data = bytes(data)
+
+
+class PickleDevice(Device):
+    """A plain Python object, pickled at switchover (a main-stream section) and handed to
+    ``set`` on the destination; ``get`` returns the object to send.
+
+    Trust model: unpickling runs whatever code the bytes ask for, so the state must come
+    from a trusted source over a channel that proves it. The destination refuses to load
+    (before accepting the migration, and again at load) unless the migration uses TLS
+    (``tls-creds``, which authenticates the source) or ``allow_pickle=True`` says the
+    network path is trusted anyway (same host, private link). The source side needs no
+    opt-in. Keep the object small: it is sent while the machine is paused (downtime).
+    """
+
+    def __init__(
+        self,
+        idstr: str,
+        get: Callable[[], Any],
+        set: Callable[[Any], None],
+        *,
+        allow_pickle: bool = False,
+        instance_id: int = 0,
+        version_id: int = 1,
+    ) -> None:
+        self.idstr = idstr
+        self.instance_id = instance_id
+        self.version_id = version_id
+        self.allow_pickle = allow_pickle
+        self._get = get
+        self._set = set
+        self._secure = False
+
+    def save_state(self) -> bytes:
+        return pickle.dumps(self._get(), protocol=PICKLE_PROTOCOL)
+
+    def check_incoming(self, *, secure: bool) -> None:
+        self._secure = secure
+        self._refuse_untrusted()
+
+    def _refuse_untrusted(self) -> None:
+        if not (self._secure or self.allow_pickle):
+            raise DeviceStateError(
+                f"PickleDevice {self.idstr!r}: refusing to unpickle state from a migration "
+                f"without TLS (unpickling runs code chosen by the sender); use TLS "
+                f"(tls-creds), or PickleDevice(..., allow_pickle=True) if the source and "
+                f"the path to it are trusted")
+
+    def load_state(self, data: bytes, version_id: int) -> None:
+        self._refuse_untrusted()
+        _check_version(self, version_id)
+        try:
+            obj = pickle.loads(data)
+        except Exception as exc:
+            raise DeviceStateError(
+                f"PickleDevice {self.idstr!r}: state does not unpickle: {exc}") from exc
+        self._set(obj)
 
 
 class StateBufferQueue:

@@ -7,6 +7,10 @@ like QEMU's vm_stop waiting for vCPUs); ``resume()`` lets them go. Throttling (Q
 cpu-throttle, used by auto-converge) is applied inside ``safe_point``: after each 10 ms of
 running, the thread sleeps so that it runs ``(100 - p)%`` of the time. A thread sleeping
 for throttle or pacing counts as parked, so a pause never waits for it.
+
+``machine.array(name, shape, dtype)`` is the short way to migrate numpy state: the array's
+memory is a RAM block with kernel write tracking (``tracking="auto"``), so writers need no
+marking; the destination declares the same arrays and receives their contents.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
 
 from .device import Device, join_buffer
 from .ramblock import RamBlock
@@ -59,6 +66,7 @@ class Machine:
         for device in devices:
             self.add_device(device)
         self._cond = threading.Condition()
+        self._hold = 0  # quiesced() sections in progress: safe points block meanwhile
         self._state = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
         self._active = 0  # registered workload threads currently between safe points
         self._registered = 0
@@ -73,7 +81,29 @@ class Machine:
         if block.name in self._blocks:
             raise ValueError(f"duplicate RAM block name {block.name!r}")
         self._blocks[block.name] = block
+        block.set_quiesce(self.quiesced)
         return block
+
+    def array(self, name: str, shape: int | tuple[int, ...], dtype: Any = np.uint8, *,
+              tracking: str = "auto", backing: str = "anon") -> np.ndarray:
+        """A zeroed numpy array whose memory is a new RAM block ``name`` of this machine.
+
+        Writes need no marking: the block's kernel write tracking (``tracking``, default
+        "auto": see machine/tracking.py) sees them. A destination declares the same arrays
+        (same names, shapes and dtypes) and receives their contents. The array is a view of
+        the block: it stays valid while the machine is open.
+        """
+        dt = np.dtype(dtype)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        if dt.hasobject:
+            raise TypeError(f"array {name!r}: dtype {dt} holds Python objects, not bytes")
+        if any(not isinstance(n, int | np.integer) or n < 0 for n in shape_t):
+            raise ValueError(f"array {name!r}: bad shape {shape!r}")
+        count = int(np.prod(shape_t, dtype=np.int64))
+        block = RamBlock(name, max(count * dt.itemsize, 1), tracking=tracking,
+                         backing=backing)
+        self.add_block(block)
+        return block.array[: count * dt.itemsize].view(dt).reshape(shape_t)
 
     def add_device(self, device: Device) -> Device:
         key = (device.idstr, device.instance_id)
@@ -252,6 +282,37 @@ class Machine:
     def workload_threads(self) -> int:
         return self._registered
 
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold every workload thread at a safe point for the duration of the block, without
+        a run-state change or STOP/RESUME events (a soft-dirty sync reads and clears the
+        kernel's bits inside it, tracking.py). Reentrant; the calling thread, if it is a
+        workload thread of this machine, counts as parked. TimeoutError if the workload
+        does not park within ``timeout``."""
+        slot: _ThreadSlot | None = getattr(_slots, "current", None)
+        own = 1 if slot is not None and slot.machine is self else 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._hold += 1
+            self._cond.notify_all()
+            try:
+                while self._active > own:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(
+                            f"workload did not reach a safe point within {timeout:.3f} s")
+                    self._cond.wait(left)
+            except BaseException:
+                self._hold -= 1
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._hold -= 1
+                self._cond.notify_all()
+
     def kick(self) -> None:
         """Wake threads blocked in ``safe_point`` so they re-check their cancel events."""
         with self._cond:
@@ -292,7 +353,7 @@ class Machine:
                         if left <= 0:
                             break
                         self._cond.wait(left)
-                while self._state is not RunState.RUNNING:
+                while self._state is not RunState.RUNNING or self._hold:
                     if cancel is not None and cancel.is_set():
                         break
                     self._cond.wait()
@@ -344,6 +405,7 @@ def copy_state(src: Machine, dst: Machine) -> None:
     never = threading.Event()
     for dev in src.devices:
         peer = dst.device(dev.idstr, dev.instance_id)
+        peer.check_incoming(secure=True)  # in-process: the state never left this process
         if dev.is_live() or dev.uses_multifd_state():
             peer.load_setup(dev.save_setup())
         if dev.uses_multifd_state():

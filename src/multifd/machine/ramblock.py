@@ -1,25 +1,32 @@
 """A named, page-aligned RAM block with a numpy dirty bitmap (QEMU's RAMBlock).
 
 The block is an anonymous ``mmap`` exposed as a memoryview and as numpy views (bytes, pages,
-64-bit words). Owners mark what they write; the migration thread takes snapshots with
-:meth:`RamBlock.sync_dirty_bitmap` (QEMU's ``migration_bitmap_sync``).
+64-bit words). Owners mark what they write, and/or the kernel tracks the writes
+(``tracking=``, machine/tracking.py); the migration thread takes snapshots with
+:meth:`RamBlock.sync_dirty_bitmap` (QEMU's ``migration_bitmap_sync``), which merges both.
 
 The rule that makes the bitmap lossless: writers mark AFTER writing the data, and marking and
 syncing take the same lock. A write racing a sync therefore lands either in this snapshot
 (its data is already in memory when the snapshot is taken, so the sender reads it after the
-sync) or in the next one; it is never lost.
+sync) or in the next one; it is never lost. Kernel tracking keeps the same rule for the
+writes nobody marks (tracking.py states how).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from multifd.machine import memfd
 from multifd.wire.ram_batch import is_run
+
+from .tracking import Tracker, make_tracker, resolve_mode
 
 __all__ = ["RamBlock"]
 
@@ -32,9 +39,15 @@ _THP_MIN = 4 << 20
 
 
 class RamBlock:
-    """Named guest-RAM-like buffer; ``used_length`` is ``size`` rounded up to ``page_size``."""
+    """Named guest-RAM-like buffer; ``used_length`` is ``size`` rounded up to ``page_size``.
 
-    def __init__(self, name: str, size: int, *, page_size: int = 4096) -> None:
+    ``tracking``: ``"manual"`` (only marks), ``"uffd-wp"``, ``"soft-dirty"`` or ``"auto"``
+    (the first kernel mode that works here, else manual); an explicit kernel mode the
+    kernel lacks raises OSError saying why.
+    """
+
+    def __init__(self, name: str, size: int, *, page_size: int = 4096,
+                 backing: str = "anon", tracking: str = "manual") -> None:
         encoded = name.encode("utf-8") if isinstance(name, str) else b""
         if not encoded or len(encoded) > 255:
             raise ValueError(f"RAM block name must be 1..255 UTF-8 bytes, got {name!r}")
@@ -46,12 +59,17 @@ class RamBlock:
         self.page_size = page_size
         self.num_pages = -(-size // page_size)
         self.used_length = self.num_pages * page_size
-        self._mm: mmap.mmap | None = mmap.mmap(
-            -1, self.used_length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        )
-        if self.used_length >= _THP_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:  # fewer page faults on first touch (big win for GiB blocks)
-                self._mm.madvise(mmap.MADV_HUGEPAGE)
+        # backing "memfd": pages another process can map (cpr-transfer, machine/memfd.py)
+        self._mm: mmap.mmap | None
+        self._tracking = resolve_mode(tracking, page_size)
+        self._mm, self._fd = memfd.allocate(name, self.used_length, backing)
+        # fewer page faults on first touch (big win for GiB blocks); but soft-dirty marks a
+        # huge page dirty as a whole, so its blocks keep 4 KiB pages (even with THP=always)
+        advice = (getattr(mmap, "MADV_NOHUGEPAGE", None) if self._tracking == "soft-dirty"
+                  else getattr(mmap, "MADV_HUGEPAGE", None))
+        if self.used_length >= _THP_MIN and advice is not None:
+            try:
+                self._mm.madvise(advice)
             except OSError:
                 pass
         self._view: memoryview = memoryview(self._mm)
@@ -62,6 +80,10 @@ class RamBlock:
         self._bitmap = np.zeros(self.num_pages, dtype=bool)
         self._logging = True
         self._closed = False
+        self._quiesce: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+        # registered on first use (start_dirty_log or a sync), so memory filled before
+        # that still gets huge pages: a VMA armed for uffd-wp faults in 4 KiB pages
+        self._tracker: Tracker | None = None
 
     # -- views ---------------------------------------------------------------------------
 
@@ -96,6 +118,51 @@ class RamBlock:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def tracking(self) -> str:
+        """The write tracking in force: "uffd-wp", "soft-dirty" or "manual"."""
+        return self._tracking
+
+    def _kernel_armed(self) -> bool:
+        """Register and arm kernel tracking if the mode has it and it is not yet; True if
+        it was armed just now (the writes before are unknown: every page counts dirty)."""
+        if self._tracking == "manual" or self._tracker is not None:
+            return False
+        with self._lock:  # once per block: marks wait for the registration
+            if self._tracker is not None:
+                return False
+            tracker = make_tracker(self._tracking, self._array.ctypes.data,
+                                   self.used_length, self.page_size, self._quiesced)
+            if tracker is None:
+                return False
+            tracker.arm()
+            self._tracker = tracker
+            return True
+
+    def remapped(self) -> None:
+        """The block's address range was mapped anew (memfd.adopt / detach): kernel
+        tracking registered the old mapping, so it starts over on the new one (at the next
+        sync, which then reports every page)."""
+        self._check()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def set_quiesce(
+        self, quiesce: Callable[[], contextlib.AbstractContextManager[object]] | None
+    ) -> None:
+        """How to hold the block's writers at a safe point (soft-dirty syncs need it);
+        `Machine.add_block` sets `Machine.quiesced`."""
+        self._quiesce = quiesce
+
+    def _quiesced(self) -> contextlib.AbstractContextManager[object]:
+        return self._quiesce() if self._quiesce is not None else contextlib.nullcontext()
+
+    @property
+    def backing(self) -> str:
+        """"memfd" while the pages are a memfd this block can hand over, else "anon"."""
+        return "anon" if self._fd is None else "memfd"
 
     # -- writes and dirty tracking ---------------------------------------------------------
 
@@ -167,28 +234,48 @@ class RamBlock:
         fresh = np.zeros(self.num_pages, dtype=bool)
         with self._lock:
             snapshot, self._bitmap = self._bitmap, fresh
+            logging = self._logging
+        if logging and self._tracking != "manual":
+            if self._kernel_armed():
+                snapshot[:] = True  # the kernel could not see the writes before it
+            else:
+                assert self._tracker is not None
+                self._tracker.collect(snapshot)  # kernel-tracked writes, re-armed at once
         return snapshot
 
     def dirty_count(self) -> int:
-        """Pages currently marked dirty (not yet taken by a sync)."""
+        """Pages dirty and not yet taken by a sync: the marks, plus the kernel tracker's
+        estimate (uffd-wp: what the last sync found, as scanning costs a sync)."""
         self._check()
         with self._lock:
-            return int(np.count_nonzero(self._bitmap))
+            marked = int(np.count_nonzero(self._bitmap))
+            logging = self._logging
+        if logging and self._tracking != "manual":
+            if self._tracker is None:
+                return self.num_pages  # not armed yet: nothing is known clean
+            marked = min(self.num_pages, marked + self._tracker.count())
+        return marked
 
     def start_dirty_log(self, *, all_dirty: bool = True) -> None:
-        """Enable marking; by default mark every page dirty (QEMU's ram_init_bitmaps)."""
+        """Enable marking and kernel tracking; by default mark every page dirty (QEMU's
+        ram_init_bitmaps)."""
         self._check()
+        if not self._kernel_armed() and self._tracker is not None:
+            self._tracker.arm()  # before the marks: a write after it is tracked
         with self._lock:
             self._logging = True
             if all_dirty:
                 self._bitmap[:] = True
 
     def stop_dirty_log(self) -> None:
-        """Disable marking (writes no longer need tracking) and clear the bitmap."""
+        """Disable marking and kernel tracking (writes no longer cost a fault) and clear
+        the bitmap."""
         self._check()
         with self._lock:
             self._logging = False
             self._bitmap[:] = False
+        if self._tracker is not None:
+            self._tracker.disarm()
 
     @property
     def dirty_logging(self) -> bool:
@@ -290,8 +377,14 @@ class RamBlock:
         if self._closed:
             return
         self._closed = True
+        if self._tracker is not None:
+            self._tracker.close()  # while the range is still mapped
+            self._tracker = None
         mm = self._mm
         self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._view.release()
         del self._pages, self._words, self._array
         if mm is not None:
@@ -308,7 +401,8 @@ class RamBlock:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.used_length} bytes"
-        return f"RamBlock({self.name!r}, {state}, page_size={self.page_size})"
+        return (f"RamBlock({self.name!r}, {state}, page_size={self.page_size}, "
+                f"tracking={self._tracking!r})")
 
 
 def received_maps(blocks: Mapping[str, RamBlock]) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from multifd.machine.machine import Machine
 from multifd.machine.ramblock import received_maps
+from multifd.migration import cpr
 from multifd.migration.device_state import (
     DEVICE_LOAD_TIMEOUT_S,
     DeviceStateLoader,
@@ -38,7 +39,9 @@ from multifd.migration.device_state import (
     multifd_device_state_supported,
 )
 from multifd.migration.handlers import LoadHandler, LoadHandlers
+from multifd.migration.mapped_ram import MappedRamInput, MappedRamLoadHandler, mapped_ram_input
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
+from multifd.migration.policy import Watchdog, accept_timeout_s
 from multifd.migration.profile import QEMU_10, Profile
 from multifd.migration.ram import RamLoadHandler
 from multifd.migration.sections import (
@@ -70,8 +73,6 @@ from multifd.wire.stream import (
     VmDescription,
 )
 
-ACCEPT_TIMEOUT_S = 30.0
-CHANNEL_CLOSE_TIMEOUT_S = 5.0  # after EOF, the source closes its channels within this
 RECV_CHUNK = 1 << 20
 
 
@@ -94,7 +95,7 @@ class MigrationDestination:
         uuid: bytes = bytes(16),
         machine_type: str = "multifd-python",
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        accept_timeout: float = ACCEPT_TIMEOUT_S,
+        accept_timeout: float | None = None,  # None: x-accept-timeout
         fresh_ram: bool = True,
         autostart: Callable[[], bool] | bool = True,
         device_load_timeout: float = DEVICE_LOAD_TIMEOUT_S,
@@ -123,16 +124,19 @@ class MigrationDestination:
         self._thread: threading.Thread | None = None
         self._main: Any = None
         self._cancelled = threading.Event()
+        self._cpr = cpr.is_cpr_transfer(self.params)  # no multifd channels then
         self._devstate = DeviceStateLoader(
             machine.devices,
             enabled=multifd_device_state_supported(
-                profile, bool(self.caps.get("multifd")), self.params.multifd_compression),
+                profile, bool(self.caps.get("multifd")) and not self._cpr
+                and not self.caps.get("mapped-ram"), self.params.multifd_compression),
             on_error=self._shutdown,
             load_timeout=device_load_timeout,
         )
         # Every section kind is a load handler (RAM, devices, device state, globalstate).
         self._handlers = LoadHandlers()
-        self._ram = RamLoadHandler(machine, profile, self._received, self._multifd_sync)
+        ram_cls = MappedRamLoadHandler if self.caps.get("mapped-ram") else RamLoadHandler
+        self._ram = ram_cls(machine, profile, self._received, self._multifd_sync)
         self._handlers.register(self._ram)
         for dev in machine.devices:
             if dev in self._devstate.expected:
@@ -143,7 +147,9 @@ class MigrationDestination:
         self._globalstate = GlobalStateLoadHandler()
         self._handlers.register(self._globalstate)
         self._current: tuple[LoadHandler, SectionType, int] | None = None
+        self._mapped: MappedRamInput | None = None  # the file, with mapped-ram
         self._channel_error: str | None = None  # the first multifd channel failure
+        self._idle: Watchdog | None = None
 
     # -- public ---------------------------------------------------------------------------
     def listen(self, uri: str) -> str:
@@ -154,6 +160,10 @@ class MigrationDestination:
             if not isinstance(addr, TcpAddress | UnixAddress):
                 raise TlsError(f"TLS needs a tcp: or unix: URI, not {addr}")
             tls.server()
+        for dev in self.machine.devices:  # a device may refuse an unauthenticated source
+            dev.check_incoming(secure=tls is not None)
+        if self._cpr:
+            cpr.check_destination(addr, tls=tls is not None)
         self.t_start = time.monotonic()
         self.status.set(MigrationStatus.SETUP)
         self._emit("MIGRATION", {"status": "setup"})
@@ -203,6 +213,8 @@ class MigrationDestination:
         try:
             self._accept(addr)
             self._set_status(MigrationStatus.ACTIVE)
+            if isinstance(addr, TcpAddress | UnixAddress):  # a file or pipe is no peer
+                self._start_idle_watch()
             self._load()
             if self.receiver is not None:
                 self._await_channels_closed()
@@ -229,6 +241,7 @@ class MigrationDestination:
             self.status.fail(self.error)
             self._emit("MIGRATION", {"status": "failed"})
         finally:
+            self._stop_idle_watch()
             self._devstate.close()  # joins the load workers on every path
             for h in self._handlers:
                 h.load_cleanup()
@@ -241,22 +254,29 @@ class MigrationDestination:
                     pass
 
     def _accept(self, addr: Any) -> None:
-        multifd = self.caps.get("multifd")
+        mapped = self._mapped = mapped_ram_input(addr, self.params, self.caps)
+        if mapped is not None:  # file: + mapped-ram: channels are fds on the file
+            assert isinstance(self._ram, MappedRamLoadHandler)
+            self._main = self._ram.input = mapped
+            return
+        multifd = self.caps.get("multifd") and not self._cpr
         if self._listener is None:
             if multifd:
                 raise ValueError(f"multifd needs a socket URI, not {addr}")
             self._main = open_stream(addr, "r")
             return
         tls = TlsConfig.from_params(self.params)  # under TLS: channels by order, not peek
+        timeout = (self.accept_timeout if self.accept_timeout is not None
+                   else accept_timeout_s(self.params))
         if multifd:
             if not supports_multifd(addr):
                 raise ValueError(f"multifd needs a socket URI, not {addr}")
             n = self.params.multifd_channels
             if tls is not None:
-                main, chans = accept_tls_channels(self._listener, n, tls, self.accept_timeout)
+                main, chans = accept_tls_channels(self._listener, n, tls, timeout)
             else:
                 main, chans = accept_channels(self._listener, n, self.profile.name,
-                                              self.accept_timeout)
+                                              timeout)
             self._main = main
             self.receiver = Receiver(
                 channels=n,
@@ -272,21 +292,50 @@ class MigrationDestination:
             )
             for i, c in enumerate(chans):
                 try:
-                    self.receiver.add_channel(c, timeout=self.accept_timeout)
+                    self.receiver.add_channel(c, timeout=timeout)
                 except BaseException:
                     for rest in chans[i:]:  # not owned by the receiver yet
                         rest.close()
                     raise
         elif tls is not None:
-            self._main = accept_tls(self._listener, tls, self.accept_timeout)
+            self._main = accept_tls(self._listener, tls, timeout)
         else:
-            self._main = self._listener.accept(self.accept_timeout)
+            self._main = self._listener.accept(timeout)
+            if self._cpr:  # the source's memfds, mapped over our blocks
+                cpr.receive_state(self._main, self.machine)
         self._listener.close()
         self._listener = None
 
     def _page_size(self) -> int:
         blocks = list(self.machine.blocks.values())
         return blocks[0].page_size if blocks else 4096
+
+    # -- x-idle-timeout (migration/policy.py) ---------------------------------------------
+    def _start_idle_watch(self) -> None:
+        """Fail when the source, still connected, sends nothing on any channel."""
+
+        def counters() -> dict[str, int]:
+            out = {"main channel": int(self.stats.main_bytes)}
+            if self.receiver is not None:
+                for cid, st in self.receiver.channel_stats().items():
+                    out[f"multifd channel {cid}"] = int(st.get("packets", 0))
+            return out
+
+        self._idle = Watchdog(counters, lambda: float(self.params.get("x-idle-timeout")),
+                              self._idle_failed, peer="source", verb="sent")
+        self._idle.start()
+
+    def _stop_idle_watch(self) -> None:
+        if self._idle is not None:
+            self._idle.stop()
+
+    def _hold_idle(self, busy: bool) -> None:
+        if self._idle is not None:
+            self._idle.hold(busy)
+
+    def _idle_failed(self, why: str) -> None:
+        self._channel_error = why  # the cause to report (see _run)
+        self._shutdown(why)
 
     def _decoder(self) -> MainStreamDecoder:
         parsers: dict[str, Any] = {d.idstr: LENGTH_PREFIXED for d in self.machine.devices}
@@ -308,16 +357,21 @@ class MigrationDestination:
         for h in self._handlers:
             h.load_setup()
         dec = self._decoder()
+        if self._mapped is not None:
+            self._mapped.run_main(dec, self._apply, self._page_size())
+            return
         buf = bytearray(RECV_CHUNK)
         view = memoryview(buf)
         main = self._main
         done = False
         while not done:
+            self._hold_idle(False)  # waiting for the source
             try:
                 n = main.recv_into(view)
             except OSError as exc:  # a reset by the source, mostly: say which channel
                 raise ConnectionError(f"main channel: {exc.strerror or exc}") from exc
             self.stats.add_main_bytes(n)
+            self._hold_idle(True)  # busy applying: silence is ours
             if n == 0:
                 dec.receive_eof()
             else:
@@ -366,6 +420,7 @@ class MigrationDestination:
                 for h in self._handlers:
                     h.switchover_start()
         elif isinstance(rec, EndOfStream):
+            self._stop_idle_watch()  # the source has sent everything
             for h in self._handlers:  # every load is over before the machine may run
                 h.load_finish()
             return True
@@ -379,7 +434,9 @@ class MigrationDestination:
             if required:
                 raise Mismatch("MULTIFD_FLUSH on a stream without multifd channels")
             return
+        self._hold_idle(False)  # waiting for the channels, so for the source
         self.receiver.sync_main(check=self._check_main_alive)
+        self._hold_idle(True)
 
     def _channels_done(self) -> bool:
         """The source closed every channel: no more device-state buffers can come."""
@@ -414,6 +471,8 @@ class MigrationDestination:
 
     def _shutdown(self, why: str) -> None:
         self._devstate.abort(why)
+        if self._mapped is not None:
+            self._mapped.abort()
         if self.receiver is not None:
             self.receiver.abort(why)
         self._stop_main()
@@ -441,11 +500,12 @@ class MigrationDestination:
         """After EOF: every channel must end with the source's clean close before we run.
 
         A channel reset, the source dropping main first, or no close within
-        CHANNEL_CLOSE_TIMEOUT_S means the source failed at the very end: do not run.
+        x-confirm-timeout means the source failed at the very end: do not run.
         """
         rcv = self.receiver
         assert rcv is not None
-        deadline = time.monotonic() + CHANNEL_CLOSE_TIMEOUT_S
+        confirm = float(self.params.get("x-confirm-timeout"))
+        deadline = time.monotonic() + confirm
         poller = select.poll()
         if isinstance(self._main, socket.socket):
             poller.register(self._main, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -456,8 +516,9 @@ class MigrationDestination:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the source did not close every multifd channel within "
-                                   f"{CHANNEL_CLOSE_TIMEOUT_S:g} s of the end of the stream")
-            if poller.poll(20) and _peer_gone(self._main):
+                                   f"{confirm:g} s of the end of the stream (x-confirm-timeout)")
+            # 2 ms: this wait is part of the downtime (20 ms here cost 10 ms on average)
+            if poller.poll(2) and _peer_gone(self._main):
                 raise ConnectionError("the source closed the main channel before closing "
                                       "every multifd channel (it failed at the end)")
 

@@ -134,7 +134,17 @@ PARAMETERS: dict[str, _Spec] = {
              "a power of two no less than the target page size"),
         _int("max-postcopy-bandwidth", 0, 0, UINT64_MAX),
         _Spec("zero-page-detection", "multifd", "enum", choices=("none", "legacy", "multifd")),
-        _Spec("mode", "normal", "enum", choices=("normal",)),
+        _Spec("mode", "normal", "enum", choices=("normal", "cpr-transfer")),  # migration/cpr.py
+        _Spec("direct-io", False, "bool"),  # QEMU 9.1+: O_DIRECT channels, mapped-ram only
+        # Timeout policies (no QEMU equivalent, hence x-; seconds; migration/policy.py)
+        _int("x-progress-timeout", 0, 0, 1 << 32),
+        _int("x-completion-timeout", 0, 0, 1 << 32),
+        _int("x-completion-timeout-per-gib", 0, 0, 1 << 32),
+        _Spec("x-timeout-strategy", "cancel", "enum",
+              choices=("cancel", "switchover", "throttle")),
+        _int("x-idle-timeout", 30, 0, 1 << 32),
+        _int("x-accept-timeout", 30, 0, 1 << 32),
+        _int("x-confirm-timeout", 5, 1, 1 << 32),
     )
 }
 
@@ -326,7 +336,8 @@ CAPABILITIES: tuple[str, ...] = (
     "mapped-ram",
 )
 
-SUPPORTED_CAPABILITIES: frozenset[str] = frozenset({"multifd", "auto-converge", "events"})
+SUPPORTED_CAPABILITIES: frozenset[str] = frozenset(
+    {"multifd", "auto-converge", "events", "mapped-ram"})
 
 
 class MigrationCapabilities:

@@ -67,6 +67,11 @@ class RamCounters:
         self.dirty_pages_period = 0
         self.period_start = 0.0
         self.dirty_pages_rate = 0
+        self.sync_s = 0.0  # duration of the latest live bitmap sync (a switchover cost)
+        # Every page the live syncs found dirty (also those already in todo), and the
+        # span they cover: the measured dirty rate the demo compares with its workload.
+        self.dirtied_pages = 0
+        self.dirtied_span = (0.0, 0.0)
 
 
 class RamSaveHandler(SaveHandler):
@@ -110,6 +115,7 @@ class RamSaveHandler(SaveHandler):
         self.unsynced = False  # pages went to channels since the last multifd sync
         self.last_main_block: str | None = None  # CONTINUE tracking for main-stream records
         self.counters = RamCounters()
+        self.paused = False  # the final iteration began (the machine is paused)
         self.page_size = self.blocks[0].page_size if self.blocks else 4096
         self.slot = SendSlot(self.page_size)
         self.batch = page_count(self.page_size)
@@ -145,14 +151,14 @@ class RamSaveHandler(SaveHandler):
             self.section_end()
             self.section_footer()
             return done
+        self.paused = True
         self.bitmap_sync()
         self.section_header(SectionType.END)
         while not self.walk(final=True):
             pass
         self.section_end()
         self.section_footer()
-        self.cleanup()
-        return True
+        return True  # tracking stops in cleanup(), after the last byte: not in the downtime
 
     def cleanup(self) -> None:
         for b in self.blocks:
@@ -178,7 +184,8 @@ class RamSaveHandler(SaveHandler):
     # -- dirty tracking -----------------------------------------------------------------------
     def bitmap_sync(self, first: bool = False) -> None:
         """migration_bitmap_sync: fold every block's dirty bits into todo."""
-        added = 0
+        t_start = time.monotonic()
+        added = dirtied = 0
         for b, todo in zip(self.blocks, self.todo, strict=True):
             if first:
                 b.sync_dirty_bitmap()
@@ -186,6 +193,7 @@ class RamSaveHandler(SaveHandler):
                 added += b.num_pages
             else:
                 snap = b.sync_dirty_bitmap()
+                dirtied += int(np.count_nonzero(snap))
                 added += int(np.count_nonzero(snap & ~todo))
                 todo |= snap
         self.todo_count += added
@@ -198,7 +206,12 @@ class RamSaveHandler(SaveHandler):
         if first:  # every page starts dirty: none was dirtied by the workload yet
             c.period_start = now
             c.dirty_pages_period = 0
+            c.dirtied_span = (now, now)
             return
+        if not self.paused:  # the live syncs measure the guest and the sync's cost
+            c.sync_s = now - t_start
+            c.dirtied_pages += dirtied
+            c.dirtied_span = (c.dirtied_span[0], now)
         c.dirty_pages_period += added
         if now - c.period_start > RATE_PERIOD_S:
             c.dirty_pages_rate = int(c.dirty_pages_period / (now - c.period_start))

@@ -37,14 +37,22 @@ from typing import Any
 
 from multifd.machine.machine import Machine
 from multifd.machine.workers import WorkerPool
+from multifd.migration import cpr
 from multifd.migration.device_state import (
     DeviceStateSaveHandler,
     device_state_totals,
     multifd_device_state_supported,
 )
+from multifd.migration.downtime import DowntimeModel, PipelineGauge
 from multifd.migration.handlers import SaveHandler, SaveHandlers
 from multifd.migration.mainstream import MainStreamWriter
+from multifd.migration.mapped_ram import (
+    MappedRamOutput,
+    MappedRamSaveHandler,
+    mapped_ram_output,
+)
 from multifd.migration.params import MigrationCapabilities, MigrationParameters
+from multifd.migration.policy import PolicyError, SourcePolicy, Watchdog
 from multifd.migration.profile import QEMU_10, Profile
 from multifd.migration.ram import RamSaveHandler
 from multifd.migration.sections import DeviceSaveHandler, GlobalStateSaveHandler
@@ -57,6 +65,7 @@ from multifd.migration.stats import (
 )
 from multifd.migration.status import IllegalTransition, MigrationStatus, StatusMachine
 from multifd.migration.throttle import AutoConverge
+from multifd.migration.timeline import Timeline
 from multifd.multifd.sender import Sender
 from multifd.transport.channels import connect_channels
 from multifd.transport.exec import open_stream
@@ -74,7 +83,6 @@ from multifd.wire.stream import (
 )
 
 CONNECT_TIMEOUT_S = 10.0
-CONFIRM_TIMEOUT_S = 5.0  # destination must close main within this after the last byte
 
 
 class MigrationCancelled(Exception):
@@ -121,7 +129,15 @@ class MigrationSource:
         self.t_end = 0.0
         self.expected_downtime_ms = self.params.downtime_limit
         self.passes = 0
+        self._downtime = DowntimeModel()  # expected downtime with the fixed costs
+        self._pipeline = PipelineGauge()
+        self.eta_ms: float | None = None  # x-eta-ms; None: cannot converge (yet)
+        self.phase = "setup"  # the phase on_phase last reported (timeline, progress)
+        self.timeline: Timeline | None = None  # events go here when a caller records one
         self._auto_converge = AutoConverge(self.params)
+        self.policy = SourcePolicy(self.params)  # x-progress/completion-timeout
+        self._policy_error: str | None = None
+        self._watchdog: Watchdog | None = None
         # Test/demo hook (fault injection): called on the migration thread at each phase.
         self.on_phase: Callable[[str], None] | None = None
 
@@ -130,9 +146,14 @@ class MigrationSource:
         if self._thread is not None:
             raise RuntimeError("a migration is already running from this source")
         addr = parse_uri(uri)  # bad URIs fail here, in the caller
+        self._cpr = cpr.is_cpr_transfer(self.params)
+        if self._cpr:  # a handover this source cannot do fails before anything runs
+            cpr.check_source(self.machine, addr,
+                             tls=TlsConfig.from_params(self.params) is not None)
         self.params.effective_zero_page_detection(self.profile)  # and modes the profile lacks
         self.t_start = time.monotonic()
         self._auto_converge.reset(self.t_start)
+        self.policy.reset(self.t_start, self.machine.total_ram())
         self._thread = threading.Thread(
             target=self._run, args=(addr,), name="live_migration", daemon=True
         )
@@ -160,16 +181,17 @@ class MigrationSource:
         setup_ms = int((self.t_setup_done - self.t_start) * 1000) if self.t_setup_done else None
         downtime_ms = int(self.downtime_ms) if self.t_end and self.t_pause else None
         self._fill_ram_stats()
-        return query_migrate(
+        return self.policy.annotate(query_migrate(
             self.status.status,
             self.stats,
             total_time_ms=total_ms,
             setup_time_ms=setup_ms,
             downtime_ms=downtime_ms,
             expected_downtime_ms=int(self.expected_downtime_ms),
+            eta_ms=self.eta_ms,
             error=self.error,
             cpu_throttle_percentage=self.machine.throttle if not self._stats_frozen else None,
-        )
+        ))
 
     @property
     def downtime_ms(self) -> float:
@@ -177,6 +199,16 @@ class MigrationSource:
 
     def channel_stats(self) -> list[dict[str, int]]:
         return self._sender.channel_stats() if self._sender is not None else []
+
+    def dirty_measurement(self) -> tuple[int, float, float] | None:
+        """(bytes the live bitmap syncs found dirty, first sync, last live sync: monotonic
+        instants); None before two syncs. Unlike dirty-pages-rate it counts pages that
+        were dirty again while still waiting to be sent: what the guest wrote."""
+        if self._ram is None:
+            return None
+        c = self._ram.counters
+        t0, t1 = c.dirtied_span
+        return (c.dirtied_pages * self._ram.page_size, t0, t1) if t1 > t0 else None
 
     def device_state_stats(self) -> dict[str, int]:
         """Device state sent (see `device_state_totals`)."""
@@ -202,24 +234,32 @@ class MigrationSource:
             self._setup(main)
             self.t_setup_done = time.monotonic()
             self._set_status(MigrationStatus.ACTIVE)
+            self._start_watchdog()
             self._phase("iterate")
             self._iterate_until_converged(main)
             paused_by_us = was_running
             self._check_cancel()
             self.machine.pause()
             self.t_pause = time.monotonic()
+            self._mark("pause", expected_downtime_ms=round(self.expected_downtime_ms, 1))
             self.pause_wall = time.time()
             self.stats.start_downtime(self._transferred())  # later bytes: downtime-bytes
             self._set_status(MigrationStatus.DEVICE)
             self._phase("switchover")
             self._limiter.disable()
             self._complete(main)
+            self._stop_watchdog()
             self.t_end = time.monotonic()
+            if self._handlers is not None:  # stop dirty tracking (45 ms for 4 GiB under
+                self._handlers.cleanup()    # uffd-wp) after the last byte, off the downtime
             self._await_destination()
+            if self._cpr:
+                cpr.finish_source(self.machine)  # postmigrate, pages detached
             self._close_io(clean=True)
             self._set_status(MigrationStatus.COMPLETED)
         except BaseException as exc:
             self.t_end = time.monotonic()
+            self._stop_watchdog()
             cause = self._root_cause(exc)
             self._abort_io(str(exc))
             if self._handlers is not None:
@@ -232,7 +272,8 @@ class MigrationSource:
             if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
                 self._set_status(MigrationStatus.CANCELLED)
             else:
-                self.error = cause
+                self.error = self._policy_error or (
+                    str(exc) if isinstance(exc, PolicyError) else cause)
                 if self.status.fail(self.error):
                     self._emit("MIGRATION", {"status": "failed"})
         finally:
@@ -240,13 +281,19 @@ class MigrationSource:
             self._stats_frozen = True  # the machine may be closed after this
 
     def _open(self, addr: Any) -> MainStreamWriter:
-        multifd = self.caps.get("multifd")
+        # mapped-ram: RAM at fixed offsets of a file:, its channels are fds, not sockets
+        mapped = self._mapped = mapped_ram_output(addr, self.params, self.caps)
+        multifd = self.caps.get("multifd") and not self._cpr and mapped is None  # cpr: no RAM
         if multifd and not supports_multifd(addr):
             raise ValueError(f"multifd needs a socket URI, not {addr}")
         tls = TlsConfig.from_params(self.params)  # every channel its own session
         if tls is not None and not supports_multifd(addr):
             raise TlsError(f"TLS needs a tcp: or unix: URI, not {addr}")
-        if multifd:
+        if mapped is not None:
+            self._closers.append(mapped.close)
+            send: Callable[[Sequence[Any]], None] = mapped.send
+            self._shutdown_main = lambda: None
+        elif multifd:
             if tls is not None:
                 sock, chans = connect_tls_channels(
                     addr, self.params.multifd_channels, tls, CONNECT_TIMEOUT_S)
@@ -270,7 +317,7 @@ class MigrationSource:
             )
             self._sender.start()
             self._closers.insert(0, lambda: self._sender.abort("closing") if self._sender else None)
-            send: Callable[[Sequence[Any]], None] = _main_sender(sock)
+            send = _main_sender(sock)
             self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
         elif isinstance(addr, FdAddress) or not supports_multifd(addr):
@@ -282,6 +329,8 @@ class MigrationSource:
             sock = (connect_tls(addr, tls, CONNECT_TIMEOUT_S) if tls is not None
                     else connect(addr, CONNECT_TIMEOUT_S))
             self._closers.append(sock.close)
+            if self._cpr:
+                cpr.send_state(sock, self.machine)  # the memfds, before the main stream
             send = _main_sender(sock)
             self._main_sock = sock
             self._shutdown_main = lambda: _shutdown(sock)
@@ -308,12 +357,18 @@ class MigrationSource:
         """Register every handler (RAM, then the devices, then globalstate: section ids in
         that order) and let each write its setup (START sections)."""
         main.write(encode_record(FileHeader()))
-        main.write(encode_record(Configuration(machine=self.machine_type)))
+        caps = ("mapped-ram",) if self._mapped is not None else None  # validated caps
+        main.write(encode_record(Configuration(machine=self.machine_type, capabilities=caps)))
         handlers = self._handlers = SaveHandlers(main)
-        self._ram = RamSaveHandler(
-            self.machine, main, self.profile, self._sender,
-            zero_page_detection=self.params.effective_zero_page_detection(self.profile))
-        handlers.register(self._ram)
+        if self._mapped is not None:
+            self._ram = MappedRamSaveHandler(self.machine, main, self.profile, self._mapped,
+                                             on_bytes=self.stats.add_main_bytes)
+            handlers.register(self._ram)
+        elif not self._cpr:  # cpr-transfer: the RAM is handed over, not sent
+            self._ram = RamSaveHandler(
+                self.machine, main, self.profile, self._sender,
+                zero_page_detection=self.params.effective_zero_page_detection(self.profile))
+            handlers.register(self._ram)
         via_multifd = self._sender is not None and multifd_device_state_supported(
             self.profile, True, self.params.multifd_compression)
         mfd_devs = [d for d in self.machine.devices if via_multifd and d.uses_multifd_state()]
@@ -330,7 +385,8 @@ class MigrationSource:
         for h in handlers:
             h.setup()
         main.flush()
-        self._emit("MIGRATION_PASS", {"pass": self._ram.counters.dirty_sync_count})
+        if self._ram is not None:
+            self._emit("MIGRATION_PASS", {"pass": self._ram.counters.dirty_sync_count})
 
     def _close_pool(self) -> None:
         if self._pool is not None:
@@ -342,6 +398,8 @@ class MigrationSource:
         """Live rounds until the pending bytes fit the downtime limit at the measured
         bandwidth; the exact figure (RAM's bitmap sync) is asked only when the estimate
         says so (QEMU's migration_iteration_run)."""
+        if self._cpr:  # nothing iterates: the RAM is handed over, not copied
+            return
         assert self._handlers is not None and self._ram is not None
         handlers, ram = self._handlers, self._ram
         while True:
@@ -349,23 +407,51 @@ class MigrationSource:
             handlers.iterate()
             main.flush()
             self._meter.update(self._transferred())
-            bw = self._meter.bytes_per_ms()  # bytes/ms over the last >= 100 ms window
-            threshold = bw * self._switchover_bandwidth_factor() * self.params.downtime_limit
-            pending = handlers.pending()
-            if bw > 0:
-                dirty = ram.counters.dirty_pages_last_sync * ram.page_size
-                if dirty:
-                    self.expected_downtime_ms = dirty / bw
-            if pending <= threshold or (pending == 0 and threshold == 0):
-                # The estimate says we can switch: get the exact figure (bitmap sync).
-                pending = handlers.pending(exact=True)
-                self.passes += 1
-                self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
-                self._throttle_check()
-                if bw > 0:
-                    self.expected_downtime_ms = pending / bw
-                if pending <= threshold:
-                    return
+            action = self.policy.take()  # x-timeout-strategy, decided by the watchdog
+            if action == "switchover":
+                return  # forced: the downtime may exceed the limit (x-timeout-action)
+            if action == "throttle":
+                self._throttle_down()
+            if self._switchover_due(handlers, ram, self._meter.bytes_per_ms()):
+                return
+
+    def _switchover_due(self, handlers: SaveHandlers, ram: RamSaveHandler, bw: float) -> bool:
+        """Does what is pending fit the downtime limit at bandwidth ``bw`` (bytes/ms over
+        the last window)? The threshold leaves room for the switchover's fixed costs,
+        measured at every exact check (migration/downtime.py); the exact figure (RAM's
+        bitmap sync) is asked only when the estimate says so."""
+        model, limit = self._downtime, self.params.downtime_limit
+        factor = self._switchover_bandwidth_factor()
+        # The pipeline, every round (its gauge learns the peer's largest window): it drains
+        # at the link's speed, so under max-bandwidth (lifted at the switchover) a burst
+        # just written is no backlog and it is left out.
+        socks = [ch.sock for ch in self._sender.channels] if self._sender is not None else []
+        if self._main_sock is not None:
+            socks.append(self._main_sock)
+        model.note_pipeline(0 if self._limiter.enabled else self._pipeline.measure(socks))
+        threshold = model.threshold(bw, limit, factor)
+        pending = handlers.pending()
+        if not (pending <= threshold or (pending == 0 and threshold == 0)):
+            self._estimate(pending, bw, ram)
+            return False
+        pending = handlers.pending(exact=True)
+        self.passes += 1
+        self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
+        self._mark("pass", **{"pass": ram.counters.dirty_sync_count - 1})
+        self._throttle_check()
+        model.update(time.monotonic(), self._transferred(), bw, ram.counters.sync_s)
+        self._estimate(pending, bw, ram)
+        return pending <= model.threshold(bw, limit, factor)
+
+    def _estimate(self, pending: int, bw: float, ram: RamSaveHandler) -> None:
+        """expected-downtime and x-eta-ms for query-migrate, from the downtime model."""
+        model = self._downtime
+        expected = model.expected_ms(pending, bw)
+        if expected is not None:
+            self.expected_downtime_ms = expected
+        dirty = ram.counters.dirty_pages_rate * ram.page_size / 1000  # bytes/ms
+        self.eta_ms = model.eta_ms(pending + ram.dirty_estimate_bytes(), bw, dirty,
+                                   self.params.downtime_limit)
 
     def _switchover_bandwidth_factor(self) -> float:
         avail = int(self.params.get("avail-switchover-bandwidth") or 0)
@@ -377,7 +463,8 @@ class MigrationSource:
     def _throttle_check(self) -> None:
         """auto-converge, after a bitmap sync: throttle the workload when dirtying keeps
         outrunning sending (migration/throttle.py)."""
-        if not self.caps.get("auto-converge") or self._ram is None:
+        auto = self.caps.get("auto-converge") or self.policy.action == "throttle"
+        if not auto or self._ram is None:
             return
         ram = self._ram
         pct = self._auto_converge.after_bitmap_sync(
@@ -385,6 +472,46 @@ class MigrationSource:
             time.monotonic(), throttle_now=self.machine.throttle)
         if pct is not None:
             self.machine.set_throttle(pct)
+
+    def _throttle_down(self) -> None:
+        """x-timeout-strategy throttle: throttle the workload down now (the next
+        auto-converge step), and auto-converge goes on from here (`_throttle_check`)."""
+        pct = self._auto_converge.guest_down(0, 0, throttle_now=self.machine.throttle)
+        self.machine.set_throttle(pct)
+        self._auto_converge.reset(time.monotonic(), self._transferred())
+
+    def _start_watchdog(self) -> None:
+        """The timeout policies (migration/policy.py): x-idle-timeout (the destination
+        takes nothing on any channel), and in the live phase x-progress-timeout and
+        x-completion-timeout."""
+
+        def counters() -> dict[str, int]:
+            out = {"main channel": int(self.stats.main_bytes)}
+            for i, ch in enumerate(self.channel_stats()):
+                out[f"multifd channel {i}"] = int(ch.get("wire_bytes", 0))
+            return out
+
+        def check(now: float) -> None:
+            if self.status.status is MigrationStatus.ACTIVE:
+                self._fill_ram_stats()
+                self.policy.check(now, self.stats)
+
+        def idle_timeout() -> float:  # a peer on a socket; a file or pipe is no peer
+            return float(self.params.get("x-idle-timeout")) if self._main_sock else 0.0
+
+        self._watchdog = Watchdog(counters, idle_timeout, self._fail_by_policy,
+                                  peer="destination", verb="accepted", check=check)
+        self._watchdog.start()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+
+    def _fail_by_policy(self, why: str) -> None:
+        """A policy failed the migration from another thread: unblock the migration
+        thread (as migrate_cancel does); `why` is the error it reports."""
+        self._policy_error = why
+        self._abort_io(why)
 
     def _complete(self, main: MainStreamWriter) -> None:
         """Switchover, machine paused: every handler iterates with final=True until done
@@ -417,6 +544,7 @@ class MigrationSource:
         return int(self.stats.transferred)
 
     _stats_frozen = False
+    _cpr = False  # mode cpr-transfer (set by start)
 
     def _fill_ram_stats(self) -> None:
         if self._stats_frozen:
@@ -492,10 +620,18 @@ class MigrationSource:
         return text
 
     def _phase(self, name: str) -> None:
+        self.phase = name
+        self._mark("phase", name=name)
         if self.on_phase is not None:
             self.on_phase(name)
 
+    def _mark(self, event: str, /, **fields: Any) -> None:
+        """An event on the timeline, when one is recorded."""
+        if self.timeline is not None:
+            self.timeline.event(event, **fields)
+
     _main_sock: Any = None
+    _mapped: MappedRamOutput | None = None  # the file, with the mapped-ram capability
 
     def _check_destination_alive(self) -> None:
         """Before the last records: a main channel already closed or reset by the peer
@@ -519,7 +655,7 @@ class MigrationSource:
         """Wait for the destination to close the main channel after loading.
 
         Without a return path its clean close (FIN) is the only "loaded and running"
-        signal: a reset means it failed, silence for CONFIRM_TIMEOUT_S means it is stuck
+        signal: a reset means it failed, silence for x-confirm-timeout means it is stuck
         (e.g. a channel stalled). Either way the source fails and keeps the machine.
         """
         sock = self._main_sock
@@ -527,7 +663,8 @@ class MigrationSource:
             return
         import select
 
-        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        confirm = float(self.params.get("x-confirm-timeout"))
+        deadline = time.monotonic() + confirm
         buf = bytearray(4096)
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -536,7 +673,8 @@ class MigrationSource:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"the destination did not confirm the end of the migration "
-                                   f"(close its main channel) within {CONFIRM_TIMEOUT_S:g} s")
+                                   f"(close its main channel) within {confirm:g} s, "
+                                   "x-confirm-timeout")
             if not poller.poll(min(left, 0.1) * 1000):
                 continue
             try:

@@ -344,6 +344,7 @@ def query_migrate(
     setup_time_ms: float | None = None,
     downtime_ms: float | None = None,
     expected_downtime_ms: float | None = None,
+    eta_ms: float | None = None,
     error_desc: str | None = None,
     error: str | None = None,
     role: str = "source",
@@ -353,8 +354,8 @@ def query_migrate(
     """Build QEMU's MigrationInfo for ``status`` (times in ms; ``error`` = ``error_desc``).
 
     Source: ``setup``/``failed``/``cancelled``/``wait-unplug`` report only the status;
-    running statuses add total-time, setup-time, expected-downtime and ram (with
-    remaining); ``completed`` adds total-time, setup-time, downtime and ram without
+    running statuses add total-time, setup-time, expected-downtime, x-eta-ms and ram
+    (with remaining); ``completed`` adds total-time, setup-time, downtime and ram without
     remaining. Destination: status only. ``none``: an empty object. ``error-desc``
     appears whenever an error is given (QEMU reports ``s->error`` in any status).
     """
@@ -375,6 +376,8 @@ def query_migrate(
                 info["downtime"] = int(downtime_ms)
         elif expected_downtime_ms is not None:
             info["expected-downtime"] = int(expected_downtime_ms)
+            # ours: time left to completion; null while it cannot converge (or unknown)
+            info["x-eta-ms"] = None if eta_ms is None else int(eta_ms)
         if stats is not None:
             info["ram"] = stats.ram_info(st)
         if cpu_throttle_percentage:

@@ -24,6 +24,7 @@ per-channel input buffer and decompressed into RAM (one run) or the scratch.
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -211,7 +212,9 @@ class _RecvState:
         self.plen = ram_packet_len(page_size)
         self.scratch = np.empty((n, page_size), dtype=np.uint8)
         self.scratch_view = memoryview(self.scratch).cast("B")
-        self.inbuf = memoryview(bytearray(MULTIFD_MAX_COMPRESSED_PAYLOAD)) if compressed else None
+        # page-aligned (mmap): see compress/zstd.py _PageAlignedMem for why it matters
+        self.inbuf = (memoryview(mmap.mmap(-1, MULTIFD_MAX_COMPRESSED_PAYLOAD)) if compressed
+                      else None)
 
 
 class RamRecvOps(RecvOps):

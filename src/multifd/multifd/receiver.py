@@ -328,7 +328,8 @@ class Receiver:
 
     def channel_stats(self) -> dict[int, dict[str, int]]:
         """Per-channel counters: packets, sync_packets, normal_pages, zero_pages,
-        wire_bytes_ram, wire_bytes_device_state, device_state_buffers."""
+        wire_bytes_ram, wire_bytes_device_state, device_state_buffers, busy_ns (reads and
+        decode of packets), sync_waits / sync_wait_ns (held at a SYNC by the barrier)."""
         with self._mu:
             return {cid: dict(ch.stats) for cid, ch in sorted(self._chans.items())}
 
@@ -378,6 +379,7 @@ class Receiver:
 
     def _reach_sync(self, ch: RecvChannel) -> bool:
         """Post "reached SYNC", then block until sync_main releases us. False: stopping."""
+        t_wait = time.perf_counter_ns()
         with self._mu:
             ch.at_sync = True
             self._n_at_sync += 1
@@ -386,6 +388,8 @@ class Receiver:
                 if self._stopping or self._error is not None:
                     return False
                 self._cv.wait(_WAIT_SLICE)
+        ch.stats.add("sync_waits", 1)
+        ch.stats.add("sync_wait_ns", time.perf_counter_ns() - t_wait)
         return True
 
     def _run(self, ch: RecvChannel) -> None:
@@ -405,8 +409,11 @@ class Receiver:
                 if ops is None:
                     raise BadRecordType(f"packet kind not allowed with layout "
                                         f"{self.layout.value}", field="flags", value=flags)
+                t_busy = time.perf_counter_ns()  # busy: the packet's reads and decode
                 ch.end_header(got, sizes[kind])
-                if ops.receive(ch, flags):
+                done = ops.receive(ch, flags)
+                st.add("busy_ns", time.perf_counter_ns() - t_busy)
+                if done:
                     st.add("packets", 1)
                     st.add("sync_packets", 1)
                     if not self._reach_sync(ch):

@@ -179,6 +179,7 @@ class Sender:
             raise RuntimeError("Sender not started")
         deadline = None if timeout is None else time.monotonic() + timeout
         n = len(self.channels)
+        waited = 0  # perf_counter_ns when the producer began waiting for a slot
         with self._send_mutex, self._mu:
             while True:
                 self._raise_if_failed()
@@ -195,9 +196,13 @@ class Sender:
                     else:
                         if not block:
                             return None
+                        waited = waited or time.perf_counter_ns()
                         self._wait(self._idle_cv, deadline, "a free channel slot")
                         continue
                 break
+            if waited:  # the channels were the bottleneck: the slot it got counts the wait
+                ch.stats.add("slot_waits", 1)
+                ch.stats.add("slot_wait_ns", time.perf_counter_ns() - waited)
             self._next_channel = (ch.id + 1) % n
             ch.queue.append(slot)
             slot = ch.spare.pop()
@@ -263,7 +268,8 @@ class Sender:
 
     def channel_stats(self) -> list[dict[str, int]]:
         """Per-channel counters: packets, sync_packets, wire_bytes, wire_bytes_<kind>,
-        logical_bytes, normal_pages, zero_pages, device_state_buffers."""
+        logical_bytes, normal_pages, zero_pages, device_state_buffers, busy_ns (codec and
+        send), slot_waits / slot_wait_ns (a producer waited for this channel's slot)."""
         return [dict(ch.stats) for ch in self.channels]
 
     def __enter__(self) -> Sender:
@@ -344,6 +350,7 @@ class Sender:
                     if not jobs and not ch.pending_sync:
                         return  # quit with nothing pending
                 if jobs:
+                    t_busy = time.perf_counter_ns()  # busy: codec + send, not rate-limit waits
                     bufs: list[memoryview] = []
                     total = logical = 0
                     by_kind: dict[str, int] = {}
@@ -362,8 +369,11 @@ class Sender:
                     for name, wire in by_kind.items():
                         st.add("wire_bytes_" + name, wire)
                     if limiter is not None:
+                        t_lim = time.perf_counter_ns()
                         limiter.consume(total)
+                        t_busy += time.perf_counter_ns() - t_lim
                     send_views(ch.sock, bufs)
+                    st.add("busy_ns", time.perf_counter_ns() - t_busy)
                     for job in jobs:
                         job.clear()
                     with self._mu:

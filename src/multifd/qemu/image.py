@@ -133,6 +133,9 @@ class StreamRecorder:
     allow_multifd_flush: bool = True
     allow_switchover_start: bool = True
     on_blocks: Callable[[dict[str, RamBlock]], None] | None = None
+    # Before any block is allocated: a mapped-ram reader checks the regions here (and
+    # mapped-ram block entries are accepted only with it; qemu/mapped_ram.py).
+    on_mem_size: Callable[[RamMemSize], None] | None = None
     on_marker: Callable[[object], None] | None = None
     page_size: int = PAGE_SIZE
     bytes_in: int = 0
@@ -205,6 +208,11 @@ class StreamRecorder:
     def blocks(self) -> dict[str, RamBlock]:
         return self._blocks
 
+    @property
+    def decoder(self) -> MainStreamDecoder:
+        """For a reader of a seekable file (mapped-ram: `seek_past_region`)."""
+        return self._dec
+
     def close(self) -> None:
         """Free the RAM blocks (after a failure; a finished image owns them)."""
         for b in self._blocks.values():
@@ -274,8 +282,11 @@ class StreamRecorder:
     def _mem_size(self, rec: RamMemSize) -> None:
         if self._blocks:
             raise Mismatch("a second MEM_SIZE block list")
+        if self.on_mem_size is not None:
+            self.on_mem_size(rec)
         for info in rec.blocks:
-            if info.page_size is not None or info.addr is not None or info.mapped_ram:
+            if info.page_size is not None or info.addr is not None or (
+                    info.mapped_ram and self.on_mem_size is None):
                 raise BadRecordType("RAM block list with postcopy/x-ignore-shared/mapped-ram "
                                     "extras is not supported", field="block", value=info.name)
             if info.used_length % self.page_size:
@@ -296,6 +307,7 @@ def read_image(path: str | os.PathLike[str]) -> VmImage:
     """Load an image (any single-stream QEMU migration file of a paused RAM-only-live VM).
 
     Raises ImageError with a one-line message naming the file on malformed/truncated input.
+    (`qemu.mapped_ram.read_any_image` also takes mapped-ram files.)
     """
     rec = StreamRecorder()
     try:

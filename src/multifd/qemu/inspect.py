@@ -149,6 +149,7 @@ class InspectResult:
     main_normal_pages: int = 0
     main_zero_pages: int = 0
     mapped_ram_pages: int = 0
+    mapped_ram_present: dict[str, int] = field(default_factory=dict)  # bits set, per block
     channels: list[ChannelStats] = field(default_factory=list)
     sections: list[SectionInfo] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -203,6 +204,7 @@ class InspectResult:
             "main_stream_pages": {"normal": self.main_normal_pages,
                                   "zero": self.main_zero_pages},
             "mapped_ram_pages": self.mapped_ram_pages,
+            "mapped_ram_present": self.mapped_ram_present,
             "sync_mode": self.sync_mode,
             "sync_markers": self.sync_markers,
             "channels": [
@@ -648,6 +650,7 @@ def _apply_mapped_ram(name: str, data: bytes | mmap.mmap, ram: _Ram,
         mask = bitmap_to_pages(memoryview(data)[mr.bitmap_offset : mr.bitmap_offset + bsize],
                                npages)
         idx = np.flatnonzero(mask)
+        result.mapped_ram_present[b.name] = len(idx)
         if not len(idx):
             continue
         if mr.pages_offset + npages * ps > len(data):

@@ -293,18 +293,22 @@ def receive_from_qemu(
     timeout: float = DEFAULT_TIMEOUT_S,
     on_listen: Callable[[str], None] | None = None,
     tls: TlsConfig | None = None,
+    observe: Callable[[Any], None] | None = None,
 ) -> tuple[VmImage, TransferStats]:
     """Be the destination of a QEMU migration on `uri`; return the recorded image.
 
     `channels` 0 means multifd off; otherwise it, `compression` and the UUID (see the
     module docstring) must match the source's settings. Listens (tcp:/unix:; then calls
     `on_listen(bound address)`) or reads a stream (exec:/file:/fd:, multifd off).
+    `observe(transfer)` gets the transfer object at once (a timeline samples it).
     Raises PeerError.
     """
     _check_options(channels, compression)
     t0 = time.monotonic()
     inc = _Incoming(profile, channels, compression, uuid, timeout)
     inc.tls = tls  # type: ignore[attr-defined]
+    if observe is not None:
+        observe(inc)
     try:
         img = inc.run(uri, on_listen)
     except WireError as e:
@@ -523,13 +527,15 @@ def migrate_to_qemu(
     timeout: float = DEFAULT_TIMEOUT_S,
     tls: TlsConfig | None = None,
     zero_page_detection: str | None = None,
+    observe: Callable[[Any], None] | None = None,
 ) -> TransferStats:
     """Be the source towards a QEMU destination listening on `uri`; send `image`.
 
     `channels`/`compression` must match the destination's multifd settings and the UUID
     (explicit, else the image's configuration uuid, else zeros) its `-uuid`.
     `zero_page_detection` is QEMU's parameter for the multifd path (None: the profile's
-    default, multifd for qemu-10 and legacy for qemu-7.2, which refuses multifd). Returns
+    default, multifd for qemu-10 and legacy for qemu-7.2, which refuses multifd).
+    `observe(transfer)` gets the transfer object at once (a timeline samples it). Returns
     once the destination has closed the main channel. Raises PeerError.
     """
     _check_options(channels, compression)
@@ -538,6 +544,8 @@ def migrate_to_qemu(
     t0 = time.monotonic()
     out = _Outgoing(image, profile, channels, compression, want, timeout, zero_mode)
     out.tls = tls  # type: ignore[attr-defined]
+    if observe is not None:
+        observe(out)
     hint = (f" (check the destination's multifd-channels = {channels}, "
             f"multifd-compression = {compression}, -uuid = {_uuid_text(want)}, "
             f"machine type = {image.machine})")

@@ -111,6 +111,7 @@ class MachineCommands:
         s.register("migrate-set-parameters", self.set_parameters, boxed=True)
         s.register("query-migrate-parameters", lambda _a: self.params.as_dict())
         s.register("x-query-checksum", lambda _a: {"checksum": self.machine.checksum()})
+        s.register("x-query-multifd-channels", self.query_multifd_channels)
 
     # -- state ------------------------------------------------------------------------------
     def migration_running(self) -> bool:
@@ -207,6 +208,15 @@ class MachineCommands:
             if sa is not None:
                 info["socket-address"] = [sa]
         return info
+
+    def query_multifd_channels(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Ours (QEMU has none): per multifd channel of this machine's migrations, bytes,
+        packets, busy time and waits (migration/timeline.py multifd_channels_info)."""
+        from multifd.migration.timeline import multifd_channels_info
+
+        return [info for role, m in (("source", self.source),
+                                     ("destination", self.destination)) if m is not None
+                for info in multifd_channels_info(m, role)]
 
     def set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.migration_running():

@@ -26,7 +26,13 @@ import threading
 import time
 from typing import Any
 
-from multifd.commands.demo_procs import demo_params, emit, read_events, start_child
+from multifd.commands.demo_procs import (
+    demo_params,
+    emit,
+    read_events,
+    source_state,
+    start_child,
+)
 from multifd.testing.faults import (
     FaultProxy,
     kill_process,
@@ -74,8 +80,7 @@ def faulted_source(args: argparse.Namespace) -> int:
     emit({"event": "result", "status": str(st), "error": src.error,
           "phase_reached": bool(t_fault),
           "time_to_fail_ms": round((t_end - t_fault[0]) * 1000, 1) if t_fault else None,
-          "running": machine.is_running, "step": workload.cpu.step,
-          "checksum": machine.checksum()})
+          **source_state(machine, workload.cpu.step)})
     if str(st) == "completed":
         machine.close()
         return 1
@@ -96,6 +101,20 @@ def faulted_source(args: argparse.Namespace) -> int:
 
 
 # -- parent ------------------------------------------------------------------------------
+def source_state_fields(args: argparse.Namespace, s_res: dict[str, Any] | None
+                        ) -> dict[str, Any]:
+    """A failed source's report fields (see the module docstring): still running, the
+    step it stopped at, its checksum then and the straight run's to that step."""
+    return {
+        "source_running": bool(s_res and s_res.get("running")),
+        "source_step": (s_res or {}).get("step"),
+        "source_checksum_after": (s_res or {}).get("checksum"),
+        "source_checksum_before": straight_checksum(
+            args.ram, args.seed, args.steps, int(s_res["step"]),
+            device_state_size=args.device_state) if s_res else None,
+    }
+
+
 class _Proc:
     """A child process and its JSON events, read on a thread."""
 
@@ -204,12 +223,7 @@ def run_fault_cell(args: argparse.Namespace) -> int:
             "time_to_fail_ms": (s_res or {}).get("time_to_fail_ms"),
             "destination_time_to_fail_ms":
                 round((dst.t_exit - t_fault) * 1000, 1) if t_fault and d_res else None,
-            "source_running": bool(s_res and s_res.get("running")),
-            "source_step": (s_res or {}).get("step"),
-            "source_checksum_after": (s_res or {}).get("checksum"),
-            "source_checksum_before": straight_checksum(
-                args.ram, args.seed, args.steps, int(s_res["step"]),
-                device_state_size=args.device_state) if s_res else None,
+            **source_state_fields(args, s_res),
         })
         if fault.kind == "kill-source":
             report["status"] = "failed" if d_res and d_res["status"] == "failed" else \

@@ -156,6 +156,15 @@ class ReceiveBuffer:
         n = self.take_u8()
         return self.take(n)
 
+    def jump(self, n: int) -> None:
+        """Seekable input: the next n stream bytes were skipped, never fed (a mapped-ram
+        region). Only with everything fed consumed and committed."""
+        if n < 0 or self._pos != len(self._data) or self._mark != self._pos:
+            raise ValueError("jump needs a consumed, committed buffer and n >= 0")
+        self._base += self._pos + n
+        del self._data[:]
+        self._pos = self._mark = 0
+
     def commit(self) -> None:
         """The record is complete: forget the bytes it used."""
         self._mark = self._pos

@@ -323,6 +323,13 @@ class RamRecordReader:
         self._ms_blocks: list[RamBlockInfo] | None = None
         self._skip = 0
         self.skipped: list[tuple[int, int]] = []  # (offset, length) of mapped-ram regions
+        self.skip_block: str | None = None  # the block whose region is skipped last
+
+    def take_skip(self) -> int:
+        """The rest of a pending mapped-ram region skip, handed to a caller that seeks past
+        it instead of feeding it (a file); the reader forgets it."""
+        n, self._skip = self._skip, 0
+        return n
 
     @property
     def in_mem_size(self) -> bool:
@@ -473,7 +480,7 @@ class RamRecordReader:
         if s.mapped_ram:
             hat = buf.offset
             raw = buf.take(MAPPED_RAM_HEADER_SIZE)
-            mr = _decode_mapped_ram(raw, hat)
+            mr = _decode_mapped_ram(raw, hat, name)
         if self._given is not None and name not in self._given:
             raise BadName("unknown RAM block", field="block", value=name, offset=at)
         if any(b.name == name for b in self._ms_blocks):
@@ -491,10 +498,11 @@ class RamRecordReader:
             end = mr.pages_offset + used
             here = buf.offset
             if mr.pages_offset < here or mr.bitmap_offset < here:
-                raise BadOffset("mapped-ram region before its header", field="pages_offset",
-                                value=mr.pages_offset, offset=at)
+                raise BadOffset(f"block {name!r}: mapped-ram region before its header",
+                                field="pages_offset", value=mr.pages_offset, offset=at)
             if end > here:
                 self._skip = end - here
+                self.skip_block = name
                 self.skipped.append((here, end - here))
         buf.commit()
         if self._ms_left == 0:
@@ -512,11 +520,13 @@ def _decode_name(raw: bytes, at: int) -> str:
         raise BadName("block name is not UTF-8", field="idstr", value=raw, offset=at) from None
 
 
-def _decode_mapped_ram(raw: bytes, at: int) -> MappedRamHeader:
+def _decode_mapped_ram(raw: bytes, at: int, name: str) -> MappedRamHeader:
     from multifd.wire.errors import WireError
     from multifd.wire.mapped_ram import MappedRamHeader
 
     try:
         return MappedRamHeader.decode(raw)  # validates version, page size, offsets
     except WireError as e:
+        e.what = f"block {name!r}: {e.what}"
+        e.args = (e.describe(),)
         raise e.at(at) from None

@@ -360,6 +360,20 @@ class MainStreamDecoder:
         return self._buf.closed and self._buf.available == 0 and self._state in (
             _S.AFTER_EOF, _S.DONE, _S.TAIL)
 
+    def seek_past_region(self) -> int:
+        """Seekable input (a mapped-ram file), after NEED_DATA: the bytes of a pending
+        block-region skip that were not fed. The caller reads on that much further; the
+        decoder's offsets stay file offsets. 0 when no skip is pending."""
+        n = self.ram_reader.take_skip()
+        if not n:
+            return 0
+        buf = self._buf
+        fed = min(n, buf.available)
+        buf.skip(fed)
+        buf.commit()
+        buf.jump(n - fed)
+        return n - fed
+
     @property
     def in_tail(self) -> bool:
         return self._state is _S.TAIL
