@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib", reason="matplotlib (multifd[plot]) not installed")
+pytest.importorskip("matplotlib",
+                    reason="environment: matplotlib (multifd[plot]) is not installed")
 
 
 def test_demo_timeline_and_figures(tmp_path: Path) -> None:

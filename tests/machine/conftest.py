@@ -20,7 +20,7 @@ def kernel_mode(request: pytest.FixtureRequest) -> str:
     why = available_modes()[mode]
     _used.setdefault(mode, 0)
     if why is not None:
-        pytest.skip(f"tracking={mode!r} unavailable on this kernel: {why}")
+        pytest.skip(f"environment: tracking={mode!r} unavailable on this kernel: {why}")
     _used[mode] += 1
     return mode
 

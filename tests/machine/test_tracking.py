@@ -131,11 +131,15 @@ def test_huge_pages_tracked_at_4k(kernel_mode: str) -> None:
         print(f"{kernel_mode}: {thp} KiB of the block were huge pages before the writes")
 
 
+def _require_uffd_wp() -> None:
+    if (why := available_modes()["uffd-wp"]) is not None:
+        pytest.skip(f"environment: this kernel has no uffd-wp tracking ({why})")
+
+
 def test_hot_range_stays_reported_then_cools_down() -> None:
     """uffd-wp leaves a range rewritten at every sync unprotected: it must then be reported
     at every sync (never lost), and go back to per-page tracking once writes stop."""
-    if available_modes()["uffd-wp"] is not None:
-        pytest.skip(f"uffd-wp unavailable: {available_modes()['uffd-wp']}")
+    _require_uffd_wp()
     with RamBlock("hot", 4 * HOT_GRANULE * PS, tracking="uffd-wp") as block:
         block.start_dirty_log()
         block.sync_dirty_bitmap()
@@ -250,8 +254,7 @@ def test_writes_racing_syncs_are_never_lost(kernel_mode: str) -> None:
 
 def test_uffd_wp_needs_no_cooperation_from_writers() -> None:
     """uffd-wp: plain threads that never reach a safe point lose nothing either."""
-    if available_modes()["uffd-wp"] is not None:
-        pytest.skip(f"uffd-wp unavailable: {available_modes()['uffd-wp']}")
+    _require_uffd_wp()
     with RamBlock("race", 2 * _THP_MIN, tracking="uffd-wp") as block:
         assert _race(block, None, 1.5, writers=2)[0] >= 20
 
@@ -259,8 +262,7 @@ def test_uffd_wp_needs_no_cooperation_from_writers() -> None:
 def test_uffd_wp_hot_ranges_lose_no_racing_write() -> None:
     """Writers busy on two 2 MiB ranges: those go unprotected (hot) and are re-probed
     every HOT_PROBE syncs while the writers race; the shadow still ends exact."""
-    if available_modes()["uffd-wp"] is not None:
-        pytest.skip(f"uffd-wp unavailable: {available_modes()['uffd-wp']}")
+    _require_uffd_wp()
     with RamBlock("race", 2 * _THP_MIN, tracking="uffd-wp") as block:
         syncs, hot = _race(block, None, 1.5, writers=2, span=2 * HOT_GRANULE)
         assert syncs >= 2 * HOT_PROBE

@@ -152,7 +152,8 @@ def _args(tmp_path: Path, png: bool = True) -> argparse.Namespace:
 
 
 def test_png_and_json(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib (multifd[plot]) not installed")
+    pytest.importorskip("matplotlib",
+                        reason="environment: matplotlib (multifd[plot]) is not installed")
     doc = merge_timelines(_recorded(), None, None, None)
     doc["channels"]["destination"] = doc["channels"]["source"]
     assert write_timeline(_args(tmp_path), doc) == []
