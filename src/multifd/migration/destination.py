@@ -235,8 +235,12 @@ class MigrationDestination:
             if self._cancelled.is_set():
                 self.error = "migration cancelled on the destination"
             else:  # a failed channel or device load stops the rest: report it, not the fallout
-                self.error = (self._devstate.error or self._channel_error or str(exc)
-                              or type(exc).__name__)
+                # a channel's failure is public (receiver.error) just before its
+                # on_error callback runs: main's fallout may be seen in between
+                rcv_error = self.receiver.error if self.receiver is not None else None
+                self.error = (self._devstate.error or self._channel_error
+                              or (str(rcv_error) if rcv_error is not None else None)
+                              or str(exc) or type(exc).__name__)
             self._shutdown(self.error)
             self.status.fail(self.error)
             self._emit("MIGRATION", {"status": "failed"})
