@@ -42,13 +42,14 @@ def test_timeout_cancel_fails_like_a_fault_cell() -> None:
 
 
 def test_timeout_switchover_completes_above_the_limit() -> None:
-    r = _demo(*NEVER_CONVERGES, "--downtime-limit", "10", "--timeout", "3",
+    # 1 ms: no switchover fits it (a forced one of 8 MiB took 8 ms here, under 10 ms)
+    r = _demo(*NEVER_CONVERGES, "--downtime-limit", "1", "--timeout", "3",
               "--timeout-strategy", "switchover")
     assert r["status"] == "completed", r["error"]
     assert r["verified"] is True
     assert r["timeout_action"] == "switchover"
-    assert r["downtime_limit_ms"] == 10
-    assert r["downtime_ms"] > 10 and r["downtime_over_limit"] is True
+    assert r["downtime_limit_ms"] == 1
+    assert r["downtime_ms"] > 1 and r["downtime_over_limit"] is True
 
 
 def test_bad_policy_option_is_a_usage_error() -> None:

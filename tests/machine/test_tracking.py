@@ -176,12 +176,14 @@ def test_blocks_are_tracked_independently(kernel_mode: str) -> None:
 
 
 def _race(block: RamBlock, machine: Machine | None, seconds: float, writers: int,
-          span: int = 0) -> tuple[int, int]:
+          span: int = 0, interval: float = 0.002) -> tuple[int, int, int]:
     """Writers store ever-increasing values at random words of the first ``span`` pages
     (0: all; numpy, no marking) while the main thread syncs and copies the reported pages
     into a shadow (what a migration does); after the writers stop, one last sync and copy
-    must make the shadow equal the block. Returns how many syncs raced the writers, and in
-    how many of them uffd-wp had ranges left unprotected (hot)."""
+    must make the shadow equal the block. Syncs every ``interval``; every 25th follows a
+    throttle turned on or off.
+    Returns how many syncs raced the writers, and after how many of them uffd-wp had ranges
+    left unprotected (hot) and a sample of one protected (a probe)."""
     span = span or block.num_pages
     shadow = np.zeros_like(block.pages)
     stop = threading.Event()
@@ -218,15 +220,18 @@ def _race(block: RamBlock, machine: Machine | None, seconds: float, writers: int
     threads = [threading.Thread(target=write, args=(k,), daemon=True) for k in range(writers)]
     for t in threads:
         t.start()
-    syncs = hot = 0
+    syncs = hot = probed = 0
     tracker = getattr(block, "_tracker", None)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        if syncs % 25 == 24:
+            block.set_throttled(syncs % 50 == 24)
         idx = np.flatnonzero(block.sync_dirty_bitmap())
         shadow[idx] = block.pages[idx]
         syncs += 1
         hot += bool(getattr(tracker, "_open", np.zeros(1)).any())
-        time.sleep(0.002)
+        probed += bool(getattr(tracker, "_sampled", np.zeros(1)).any())
+        time.sleep(interval)
     stop.set()
     if machine is not None:
         machine.kick()
@@ -238,7 +243,7 @@ def _race(block: RamBlock, machine: Machine | None, seconds: float, writers: int
     shadow[idx] = block.pages[idx]
     bad = np.flatnonzero((shadow != block.pages).any(axis=1))
     assert bad.size == 0, f"{bad.size} page(s) lost a write, first {bad[:10].tolist()}"
-    return syncs, hot
+    return syncs, hot, probed
 
 
 def test_writes_racing_syncs_are_never_lost(kernel_mode: str) -> None:
@@ -247,7 +252,7 @@ def test_writes_racing_syncs_are_never_lost(kernel_mode: str) -> None:
         block = m.add_block(RamBlock("race", 2 * _THP_MIN, tracking=kernel_mode))
         block.array[:] = 3  # populated, THP where available
         m.start()
-        syncs, _ = _race(block, m, 1.5, writers=2)
+        syncs = _race(block, m, 1.5, writers=2)[0]
         assert syncs >= 20
         print(f"{kernel_mode}: {syncs} syncs raced 2 writers, shadow exact")
 
@@ -260,13 +265,60 @@ def test_uffd_wp_needs_no_cooperation_from_writers() -> None:
 
 
 def test_uffd_wp_hot_ranges_lose_no_racing_write() -> None:
-    """Writers busy on two 2 MiB ranges: those go unprotected (hot) and are re-probed
-    every HOT_PROBE syncs while the writers race; the shadow still ends exact."""
+    """Writers busy on two 2 MiB ranges: those go unprotected (hot), are re-probed by
+    samples and protected whole by throttle changes while the writers race; the shadow
+    still ends exact."""
     _require_uffd_wp()
     with RamBlock("race", 2 * _THP_MIN, tracking="uffd-wp") as block:
-        syncs, hot = _race(block, None, 1.5, writers=2, span=2 * HOT_GRANULE)
+        # 10 ms between syncs: the writers rewrite the two ranges almost whole (hot)
+        syncs, hot, probed = _race(block, None, 1.5, writers=2, span=2 * HOT_GRANULE,
+                                   interval=0.01)
         assert syncs >= 2 * HOT_PROBE
-        assert 0 < hot < syncs  # hot ranges were used, and probed
+        assert 0 < hot < syncs  # hot ranges were used, and closed again
+        assert probed > 0
+
+
+def test_uffd_wp_hot_range_probes_back_off_and_throttle_counts_exactly() -> None:
+    """A range rewritten whole before every sync stays open and is reported whole at every
+    sync; its probes (a sample protected again) come ever later while it stays busy; a
+    final sync only reports; a throttle protects it whole at the next sync, and counts
+    exactly while it is on."""
+    _require_uffd_wp()
+    with Machine() as m:
+        block = m.add_block(RamBlock("hot", 2 * HOT_GRANULE * PS, tracking="uffd-wp"))
+        block.start_dirty_log()
+        block.sync_dirty_bitmap()
+        tracker = block._tracker
+        probes = []
+        for i in range(40):
+            block.array[: HOT_GRANULE * PS] = i + 1
+            dirty = block.sync_dirty_bitmap()
+            assert dirty[:HOT_GRANULE].all() and not dirty[HOT_GRANULE:].any()
+            if tracker._sampled[0]:
+                probes.append(i)
+        assert probes[0] == HOT_STREAK - 1 + HOT_PROBE
+        gaps = np.diff(probes).tolist()  # each wait twice the last
+        assert len(gaps) == 2 and gaps[1] - 1 == 2 * (gaps[0] - 1), probes
+        assert tracker._open[0]
+        state = [tracker._open.copy(), tracker._wait.copy(), tracker._sampled.copy()]
+        assert block.sync_dirty_bitmap(final=True)[:HOT_GRANULE].all()  # switchover: report
+        assert all((a == b).all() for a, b in zip(state, [tracker._open, tracker._wait,
+                                                          tracker._sampled], strict=True))
+        m.set_throttle(50)
+        block.array[3 * PS] = 1
+        assert block.sync_dirty_bitmap()[:HOT_GRANULE].all()  # open until now: whole
+        assert not tracker._open.any()
+        block.array[5 * PS] = 1
+        assert _dirty(block) == [5]
+        for i in range(HOT_STREAK + 1):  # throttled: rewritten whole, counted exactly
+            block.array[: HOT_GRANULE * PS] = i + 1
+            assert _dirty(block) == list(range(HOT_GRANULE))
+        assert not tracker._open.any()
+        m.set_throttle(0)
+        for i in range(HOT_STREAK + 1):
+            block.array[: HOT_GRANULE * PS] = i + 1
+            block.sync_dirty_bitmap()
+        assert tracker._open[0]  # unthrottled: hot again
 
 
 def test_quiesced_holds_workload_without_state_change() -> None:

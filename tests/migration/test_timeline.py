@@ -16,7 +16,7 @@ from multifd.commands.timeline_options import (
     check_timeline_options,
     write_timeline,
 )
-from multifd.migration.downtime import DowntimeModel, PipelineGauge
+from multifd.migration.downtime import HEADROOM, NEAR_MISSES, DowntimeModel, PipelineGauge
 from multifd.migration.timeline import Timeline, channel_figures, merge_timelines
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -101,19 +101,31 @@ def test_downtime_model_counts_the_fixed_costs() -> None:
     m.update(10.0, 0, 1000.0, sync_s=0.02)
     assert m.fixed_ms == pytest.approx(20 + 30)  # the sync, the pipeline at 1000 B/ms
     assert m.expected_ms(100_000, 1000.0) == pytest.approx(50 + 100)
-    # the threshold leaves room for them: 300 ms limit -> 250 ms of data
-    assert m.threshold(1000.0, 300) == pytest.approx(250_000)
-    # the next check uses the average since this one, not the window (which swings)
+    # the threshold leaves room for them, and headroom: 300 ms limit -> 250 ms of data,
+    # half of it for the pending data
+    assert m.threshold(1000.0, 300) == pytest.approx(250_000 * HEADROOM)
+    # the next check uses the pass's throughput since this one (its 50 ms sync left out),
+    # not the window (which swings), and the cheapest sync (the final one finds next to
+    # nothing written)
     m.note_pipeline(0)
-    m.update(11.0, 2_000_000, 5000.0, sync_s=0.02)
+    m.update(11.05, 2_000_000, 5000.0, sync_s=0.05)
     assert m.bandwidth == pytest.approx(2000.0)
-    assert m.threshold(5000.0, 300) == pytest.approx(2000.0 * 280)  # 20 ms: the sync
+    assert m.sync_ms == pytest.approx(20)
+    assert m.threshold(5000.0, 300) == pytest.approx(2000.0 * 280 * HEADROOM)
     # ETA: (remaining - threshold) / (bw - dirty) + the switchover
-    eta = m.eta_ms(1_560_000, 5000.0, 1000.0, 300)
-    assert eta == pytest.approx(1_000_000 / 1000 + 20 + 280)
+    threshold = 2000.0 * 280 * HEADROOM
+    eta = m.eta_ms(1_000_000 + int(threshold), 5000.0, 1000.0, 300)
+    assert eta == pytest.approx(1_000_000 / 1000 + 20 + 280 * HEADROOM, abs=0.01)
     assert m.eta_ms(10**9, 5000.0, 2000.0, 300) is None  # dirtying as fast as we send
-    m.update(12.0, 2_000_000, 5000.0, sync_s=0.5)  # fixed costs over the limit
-    assert m.threshold(5000.0, 300) == 0
+    # the decision: within the headroom at once; within the limit only when pending stays
+    # there NEAR_MISSES checks in a row
+    assert m.fits(int(threshold) - 10, 5000.0, 300)
+    assert [m.fits(int(threshold) + 10, 5000.0, 300) for _ in range(NEAR_MISSES)] == [
+        False] * (NEAR_MISSES - 1) + [True]
+    assert not m.fits(2000 * 281, 5000.0, 300)  # over the limit: never
+    slow = DowntimeModel()
+    slow.update(12.0, 0, 5000.0, sync_s=0.5)  # fixed costs over the limit
+    assert slow.threshold(5000.0, 300) == 0
 
 
 def test_pipeline_gauge_on_a_connected_pair() -> None:
@@ -188,3 +200,43 @@ def test_cli_without_matplotlib_says_so(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "needs matplotlib" in out.stderr and "multifd[plot]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_final_sync_cost_is_the_live_syncs_intercept() -> None:
+    """A sync's cost grows with the pages it finds written; the final one finds next to
+    none: its estimate is the intercept over the live syncs, never above the cheapest."""
+    m = DowntimeModel()
+    for i, (pages, ms) in enumerate([(30_000, 22.0), (10_000, 8.0), (5_000, 4.5)]):
+        m.update(10.0 + i, 0, 1000.0, sync_s=ms / 1000, sync_pages=pages)
+    assert m.sync_ms == pytest.approx(1.0, abs=0.1)
+    flat = DowntimeModel()  # the same pages every time: the cheapest sync
+    for i, ms in enumerate([9.0, 7.0, 8.0]):
+        flat.update(10.0 + i, 0, 1000.0, sync_s=ms / 1000, sync_pages=1000)
+    assert flat.sync_ms == pytest.approx(7.0)
+
+
+def test_switchover_waits_while_pending_shrinks() -> None:
+    """Pending that fits the limit but not the headroom: no switchover while it keeps
+    shrinking; once it stops, at the NEAR_MISSES-th check."""
+    m = DowntimeModel()
+    m.update(10.0, 0, 1000.0, sync_s=0.0)  # 1000 B/ms, no fixed costs: limit 300 ms
+    assert not m.fits(290_000, 1000.0, 300)
+    assert not m.fits(250_000, 1000.0, 300)  # shrinking: no near miss
+    assert not m.fits(200_000, 1000.0, 300)
+    assert [m.fits(195_000, 1000.0, 300) for _ in range(NEAR_MISSES)] == [
+        False] * (NEAR_MISSES - 1) + [True]
+
+
+def test_expected_downtime_takes_the_burst_rate() -> None:
+    """Intervals between checks pay a fixed part each: the expected downtime sends at
+    the inverse slope of time over bytes, the threshold keeps the (lower) average."""
+    m = DowntimeModel()
+    t, sent = 10.0, 0
+    m.update(t, sent, 1000.0, sync_s=0.0)
+    for nbytes in (600_000, 400_000, 200_000):  # 40 ms each + 1 ms per 2000 bytes
+        t += (40 + nbytes / 2000) / 1000
+        sent += nbytes
+        m.update(t, sent, 1000.0, sync_s=0.0)
+    assert m.bandwidth == pytest.approx(200_000 / 140)  # the last interval's average
+    assert m.burst_bandwidth == pytest.approx(2000)  # the slope: 1 ms per 2000 bytes
+    assert m.expected_ms(200_000, 1000.0) == pytest.approx(200_000 / m.burst_bandwidth)

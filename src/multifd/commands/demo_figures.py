@@ -51,11 +51,14 @@ class SourceRecorder:
             "measured_dirty_rate_mib_s": None, "workload_dirty_rate_mib_s": None,
         }
         meas = src.dirty_measurement()
-        if meas is not None:
-            dirtied, t0, t1 = meas
+        if meas is not None:  # both over the live syncs' span; a page once per interval
+            dirtied, instants = meas
+            t0, t1 = instants[0], instants[-1]
             page = src.machine.blocks[next(iter(src.machine.blocks))].page_size
             out["measured_dirty_rate_mib_s"] = round(dirtied / MiB / (t1 - t0), 1)
             out["workload_dirty_rate_mib_s"] = round(
+                self.workload.distinct_pages_dirtied(instants) * page / MiB / (t1 - t0), 1)
+            out["workload_write_rate_mib_s"] = round(  # every write, rewrites too
                 self.workload.pages_dirtied_between(t0, t1) * page / MiB / (t1 - t0), 1)
         return out
 
@@ -94,6 +97,7 @@ def report_fields(s: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
         "expected_downtime_ms": s.get("expected_downtime_ms"),
         "workload_dirty_rate_mib_s": s.get("workload_dirty_rate_mib_s"),
         "measured_dirty_rate_mib_s": s.get("measured_dirty_rate_mib_s"),
+        "workload_write_rate_mib_s": s.get("workload_write_rate_mib_s"),
         "channel_figures": {"source": s.get("channel_figures", []),
                             "destination": d.get("channel_figures", [])},
     }

@@ -253,6 +253,9 @@ class Machine:
         percent = int(percent)
         if not 0 <= percent <= 99:
             raise ValueError(f"throttle percentage must be 0..99, got {percent}")
+        if percent != self._throttle:
+            for block in self._blocks.values():
+                block.set_throttled(percent > 0)
         self._throttle = percent
 
     # -- workload cooperation ------------------------------------------------------------

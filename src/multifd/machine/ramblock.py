@@ -149,6 +149,12 @@ class RamBlock:
             self._tracker.close()
             self._tracker = None
 
+    def set_throttled(self, on: bool) -> None:
+        """The writers' throttle changed (`on`: they are throttled now): kernel tracking
+        counts exactly from the next sync on while they are (see machine/tracking.py)."""
+        if self._tracker is not None:
+            self._tracker.set_throttled(on)
+
     def set_quiesce(
         self, quiesce: Callable[[], contextlib.AbstractContextManager[object]] | None
     ) -> None:
@@ -223,12 +229,13 @@ class RamBlock:
         with self._lock:
             self._bitmap[:] = True
 
-    def sync_dirty_bitmap(self) -> np.ndarray:
+    def sync_dirty_bitmap(self, *, final: bool = False) -> np.ndarray:
         """Return the dirty bitmap snapshot (bool per page) and start a clean one.
 
         The swap happens under the writers' lock, so the snapshot holds every write whose
         mark came before it; the rest will be in the next snapshot. The caller owns the
-        returned array.
+        returned array. ``final``: the writers are stopped and tracking ends after this
+        sync (a migration's switchover), so kernel tracking only reports.
         """
         self._check()
         fresh = np.zeros(self.num_pages, dtype=bool)
@@ -240,7 +247,7 @@ class RamBlock:
                 snapshot[:] = True  # the kernel could not see the writes before it
             else:
                 assert self._tracker is not None
-                self._tracker.collect(snapshot)  # kernel-tracked writes, re-armed at once
+                self._tracker.collect(snapshot, final=final)  # re-armed at once
         return snapshot
 
     def dirty_count(self) -> int:

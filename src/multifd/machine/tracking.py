@@ -48,8 +48,14 @@ ask for no THP (MADV_NOHUGEPAGE).
 Hot ranges (uffd-wp): a write to a freshly protected page costs a kernel fault (~1.5 us).
 A workload rewriting the same memory between every sync would pay one per page per sync,
 so a 2 MiB range found busy (more than `HOT_FRACTION` written) at `HOT_STREAK` syncs in a
-row is left unprotected (reported written whole by every scan, per the rule above: the
-price is sending its unwritten pages too) and re-probed every `HOT_PROBE` syncs.
+row is left unprotected (reported written whole by every sync, per the rule above: the
+price is sending its unwritten pages too). After `HOT_PROBE` syncs it is probed: one
+`HOT_SAMPLE`-page slice of it (a different one each time) is protected again, so the next
+sync measures it at an eighth of the faults. Busy, the range stays open and waits twice as
+long for its next probe (up to `HOT_PROBE_MAX` syncs); cool, it is protected whole again.
+A throttled machine (auto-converge) gets exact counts, which is what converges: a change
+of the throttle calls `set_throttled`, the next sync protects every open range again, and
+none opens while the throttle is on (the faults cost a throttled workload little).
 """
 
 from __future__ import annotations
@@ -100,15 +106,21 @@ _SOFT_DIRTY_BIT = np.uint64(55)
 _PAGEMAP_CHUNK = 1 << 16  # pagemap entries read per pread (512 KiB)
 
 # Hot ranges (uffd-wp): granule of HOT_GRANULE pages; hot when more than HOT_FRACTION of
-# it was written at HOT_STREAK syncs in a row; hot ranges are re-protected every HOT_PROBE
-# syncs to see whether they cooled down. A hot range is reported whole, so the fraction
-# bounds the over-report to 2x, and the short probe lets a throttled workload's pages
-# count exactly again soon: with 1/8 and 16 syncs, auto-converge at 99 % never converged
-# (every sync reported all 16 MiB where the exact count fell below the 1.6 MB target).
+# it was written at HOT_STREAK syncs in a row (the over-report is at most 2x; a range
+# written while protected runs slower, so a higher fraction kept a writer rewriting its
+# 256 MiB flat out from ever getting there: 66 % slower). Probed by a sample of
+# HOT_SAMPLE pages after HOT_PROBE syncs, then after twice as many each time it is still
+# hot, up to HOT_PROBE_MAX: probing whole ranges every 4 syncs cost a writer rewriting
+# 256 MiB flat out a quarter of its speed (every 4th interval all faults). No range opens
+# while the machine is throttled (`set_throttled`): a throttled workload at 99 % still
+# wrote half of its 16 MiB per 1 s pass, was reported whole at every sync, and the long
+# passes kept it writing half: auto-converge never converged.
 HOT_GRANULE = 512
 HOT_FRACTION = 1 / 2
 HOT_STREAK = 2
 HOT_PROBE = 4
+HOT_PROBE_MAX = 64
+HOT_SAMPLE = 64
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
@@ -150,12 +162,18 @@ class Tracker:
     def arm(self) -> None:
         """Start tracking from now: earlier writes are forgotten."""
 
-    def collect(self, out: np.ndarray) -> None:
-        """OR the pages written since the last collect/arm into ``out`` and re-arm."""
+    def collect(self, out: np.ndarray, final: bool = False) -> None:
+        """OR the pages written since the last collect/arm into ``out`` and re-arm;
+        ``final``: the last collect of a migration, with the writers stopped (no need to
+        learn how they write)."""
 
     def count(self) -> int:
         """An estimate of the pages the next collect will report (cheap: no scan)."""
         return 0
+
+    def set_throttled(self, on: bool) -> None:
+        """The writers' throttle changed (`on`: they are throttled now): forget what was
+        learnt about their pace, and count exactly while they are throttled."""
 
     def disarm(self) -> None:
         """Stop tracking (writes no longer cost a fault)."""
@@ -222,7 +240,12 @@ class UffdWpTracker(Tracker):
         granules = -(-self.num_pages // HOT_GRANULE)
         self._streak = np.zeros(granules, dtype=np.int8)
         self._open = np.zeros(granules, dtype=bool)  # hot: left unprotected
-        self._syncs = 0
+        self._wait = np.zeros(granules, dtype=np.int16)  # open: syncs left until its probe
+        self._period = np.full(granules, HOT_PROBE, dtype=np.int16)  # its next wait
+        self._sampled = np.zeros(granules, dtype=bool)  # open, its sample protected
+        self._probes = np.zeros(granules, dtype=np.int64)  # which sample is next
+        self._cool_all = False  # protect every open range at the next sync
+        self._throttled = False  # open no range (set_throttled)
         self._last = 0  # pages the last collect reported
         self.armed = False
 
@@ -264,53 +287,91 @@ class UffdWpTracker(Tracker):
         return list(zip(starts.tolist(), np.minimum(ends, self.num_pages).tolist(),
                         strict=True))
 
+    def _protect_pages(self, first: int, end: int, on: bool) -> None:
+        self._protect(self.addr + first * self.page_size, (end - first) * self.page_size, on)
+
+    def _protect_granules(self, mask: np.ndarray, on: bool) -> None:
+        for first, end in self._granule_runs(mask):
+            self._protect_pages(first, end, on)
+
+    def _samples(self, mask: np.ndarray) -> list[tuple[int, int]]:
+        """The probe sample (first page, end page) of each granule in ``mask``: one
+        HOT_SAMPLE-page slice, a different one at each probe of the granule."""
+        g = np.flatnonzero(mask)
+        first = g * HOT_GRANULE + (self._probes[g] % (HOT_GRANULE // HOT_SAMPLE)) * HOT_SAMPLE
+        end = np.minimum(first + HOT_SAMPLE, self.num_pages)
+        return [(f, e) for f, e in zip(first.tolist(), end.tolist(), strict=True) if f < e]
+
     def arm(self) -> None:
         with self._lock:
             self._protect(self.addr, self.length, True)
             self._streak[:] = 0
             self._open[:] = False
+            self._sampled[:] = False
+            self._period[:] = HOT_PROBE
+            self._cool_all = False
             self.armed = True
 
-    def collect(self, out: np.ndarray) -> None:
+    def collect(self, out: np.ndarray, final: bool = False) -> None:
         with self._lock:
             if not self.armed:
                 return
-            self._syncs += 1
-            probe = self._syncs % HOT_PROBE == 0
-            was_open = self._open
+            was_open, sampled = self._open, self._sampled
             # padded to whole granules, for the per-granule counts
             written = np.zeros(self._streak.size * HOT_GRANULE, dtype=bool)
-            if probe or not was_open.any():
+            if not was_open.any():
                 self._scan(0, self.num_pages, True, written)  # the one call: report, re-arm
-            else:  # open ranges are unprotected: reported whole, not scanned
+            else:
                 for first, end in self._granule_runs(~was_open):
                     self._scan(first, end, True, written)
-                for first, end in self._granule_runs(was_open):
+                for first, end in self._samples(sampled):  # exact inside the sample
+                    self._scan(first, end, True, written)
+                for first, end in self._granule_runs(was_open):  # unprotected: whole
                     out[first:end] = True
             out |= written[: self.num_pages]
-            self._last = int(np.count_nonzero(written)) + int(
-                np.count_nonzero(was_open) * HOT_GRANULE if not probe else 0)
-            self._update_hot(written, seen=~was_open, probe=probe)
+            # pages written per granule: add its bools 8 at a time (one u64 = 8 byte
+            # lanes, each lane <= HOT_GRANULE / 8 so none overflows), then add the 8 lanes
+            lanes = written.view(np.uint64).reshape(-1, HOT_GRANULE // 8).sum(axis=1)
+            per = lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.int64)
+            self._last = int(per[~was_open].sum()) + int(np.count_nonzero(was_open)) * HOT_GRANULE
+            if not final:  # the hot-range ioctls would only lengthen a switchover
+                self._update_hot(per, was_open, sampled)
 
-    def _update_hot(self, written: np.ndarray, seen: np.ndarray, probe: bool) -> None:
-        """Leave busy 2 MiB ranges unprotected (see the module docstring). ``seen``: the
-        granules protected since the last sync (an open one tells nothing)."""
-        # pages written per granule: add its bools 8 at a time (one u64 = 8 byte lanes,
-        # each lane <= HOT_GRANULE / 8 so none overflows), then add the 8 lanes
-        lanes = written.view(np.uint64).reshape(-1, HOT_GRANULE // 8).sum(axis=1)
-        per = lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.int64)
+    def _update_hot(self, per: np.ndarray, was_open: np.ndarray, sampled: np.ndarray) -> None:
+        """Open busy 2 MiB ranges, probe open ones, close cooled ones (see the module
+        docstring). ``per``: pages written per granule; exact for the granules protected
+        since the last sync, and inside the sample of the sampled ones."""
+        seen = ~was_open
         busy = per > HOT_GRANULE * HOT_FRACTION
         self._streak[seen] = np.where(busy[seen],
                                       np.minimum(self._streak[seen] + 1, HOT_STREAK), 0)
-        if probe:  # every range was just re-protected: the next sync measures them all
-            self._open = np.zeros_like(self._open)
-            return
-        hot = self._streak >= HOT_STREAK
-        for first, end in self._granule_runs(hot & seen):  # newly hot: unprotect
-            lo = self.addr + first * self.page_size
-            self._protect(lo, min(end * self.page_size, self.length) - first * self.page_size,
-                          False)
-        self._open = hot
+        self._period[seen & ~busy] = HOT_PROBE  # cool: a new streak starts over
+        opened = seen & (self._streak >= HOT_STREAK) & (not self._throttled)
+        still = sampled & (per > HOT_SAMPLE * HOT_FRACTION)  # the sample says still hot
+        cooled = was_open & (self._cool_all | (sampled & ~still))
+        self._cool_all = False
+        # cooled: protected again whole (reported whole by this sync), measured next sync
+        self._protect_granules(cooled, True)
+        self._streak[cooled] = 0
+        self._period[cooled] = HOT_PROBE
+        for first, end in self._samples(still & ~cooled):  # back to fully open
+            self._protect_pages(first, end, False)
+        self._protect_granules(opened, False)
+        waited = opened | (still & ~cooled)  # a new wait, twice the last
+        self._wait[waited] = self._period[waited]
+        self._period[waited] = np.minimum(self._period[waited] * 2, HOT_PROBE_MAX)
+        self._open = (was_open & ~cooled) | opened
+        self._wait[self._open & ~waited] -= 1
+        # probes: protect a sample now; the next sync measures it
+        self._sampled = self._open & ~waited & (self._wait <= 0)
+        self._probes[self._sampled] += 1
+        for first, end in self._samples(self._sampled):
+            self._protect_pages(first, end, True)
+
+    def set_throttled(self, on: bool) -> None:
+        with self._lock:  # the next sync protects every open range again: exact after it
+            self._cool_all = True
+            self._throttled = on
 
     def count(self) -> int:
         return self._last if self.armed else 0  # a scan would cost as much as a sync
@@ -420,7 +481,7 @@ class SoftDirtyTracker(Tracker):
             _soft.clear(keep=self)
             self.pending[:] = False
 
-    def collect(self, out: np.ndarray) -> None:
+    def collect(self, out: np.ndarray, final: bool = False) -> None:
         with _soft.lock:
             if self not in _soft.armed:
                 return

@@ -67,11 +67,20 @@ class RamCounters:
         self.dirty_pages_period = 0
         self.period_start = 0.0
         self.dirty_pages_rate = 0
-        self.sync_s = 0.0  # duration of the latest live bitmap sync (a switchover cost)
-        # Every page the live syncs found dirty (also those already in todo), and the
-        # span they cover: the measured dirty rate the demo compares with its workload.
+        # The latest live bitmap sync: its duration and the pages it found written (the
+        # final sync's cost is estimated from these: migration/downtime.py)
+        self.sync_s = 0.0
+        self.sync_dirtied = 0
+        # Every page the live syncs found dirty (also those already in todo), and when
+        # the first and every live sync ended: the measured dirty rate the demo compares
+        # with its workload, over the same intervals.
         self.dirtied_pages = 0
-        self.dirtied_span = (0.0, 0.0)
+        self.sync_instants: list[float] = []
+        # The final (paused) sync: its duration, the pages it found written and the pages
+        # todo then held (what the switchover sends): the timeline's switchover figures.
+        self.final_sync_s = 0.0
+        self.final_dirtied = 0
+        self.final_pages = 0
 
 
 class RamSaveHandler(SaveHandler):
@@ -192,7 +201,7 @@ class RamSaveHandler(SaveHandler):
                 todo[:] = True
                 added += b.num_pages
             else:
-                snap = b.sync_dirty_bitmap()
+                snap = b.sync_dirty_bitmap(final=self.paused)
                 dirtied += int(np.count_nonzero(snap))
                 added += int(np.count_nonzero(snap & ~todo))
                 todo |= snap
@@ -206,12 +215,14 @@ class RamSaveHandler(SaveHandler):
         if first:  # every page starts dirty: none was dirtied by the workload yet
             c.period_start = now
             c.dirty_pages_period = 0
-            c.dirtied_span = (now, now)
+            c.sync_instants = [now]
             return
         if not self.paused:  # the live syncs measure the guest and the sync's cost
-            c.sync_s = now - t_start
+            c.sync_s, c.sync_dirtied = now - t_start, dirtied
             c.dirtied_pages += dirtied
-            c.dirtied_span = (c.dirtied_span[0], now)
+            c.sync_instants.append(now)
+        else:
+            c.final_sync_s, c.final_dirtied, c.final_pages = now - t_start, dirtied, self.todo_count
         c.dirty_pages_period += added
         if now - c.period_start > RATE_PERIOD_S:
             c.dirty_pages_rate = int(c.dirty_pages_period / (now - c.period_start))

@@ -200,15 +200,16 @@ class MigrationSource:
     def channel_stats(self) -> list[dict[str, int]]:
         return self._sender.channel_stats() if self._sender is not None else []
 
-    def dirty_measurement(self) -> tuple[int, float, float] | None:
-        """(bytes the live bitmap syncs found dirty, first sync, last live sync: monotonic
-        instants); None before two syncs. Unlike dirty-pages-rate it counts pages that
-        were dirty again while still waiting to be sent: what the guest wrote."""
+    def dirty_measurement(self) -> tuple[int, list[float]] | None:
+        """(bytes the live bitmap syncs found dirty, the instants of the first sync and of
+        every live sync: monotonic); None before two syncs. Unlike dirty-pages-rate it
+        counts pages that were dirty again while still waiting to be sent: what the guest
+        wrote, a page once per sync interval."""
         if self._ram is None:
             return None
         c = self._ram.counters
-        t0, t1 = c.dirtied_span
-        return (c.dirtied_pages * self._ram.page_size, t0, t1) if t1 > t0 else None
+        instants = list(c.sync_instants)
+        return (c.dirtied_pages * self._ram.page_size, instants) if len(instants) > 1 else None
 
     def device_state_stats(self) -> dict[str, int]:
         """Device state sent (see `device_state_totals`)."""
@@ -241,7 +242,9 @@ class MigrationSource:
             self._check_cancel()
             self.machine.pause()
             self.t_pause = time.monotonic()
-            self._mark("pause", expected_downtime_ms=round(self.expected_downtime_ms, 1))
+            self._mark("pause", expected_downtime_ms=round(self.expected_downtime_ms, 1),
+                       **self._downtime.figures(),
+                       pending=self._ram.pending_bytes() if self._ram is not None else 0)
             self.pause_wall = time.time()
             self.stats.start_downtime(self._transferred())  # later bytes: downtime-bytes
             self._set_status(MigrationStatus.DEVICE)
@@ -437,11 +440,13 @@ class MigrationSource:
         pending = handlers.pending(exact=True)
         self.passes += 1
         self._emit("MIGRATION_PASS", {"pass": ram.counters.dirty_sync_count})
-        self._mark("pass", **{"pass": ram.counters.dirty_sync_count - 1})
         self._throttle_check()
-        model.update(time.monotonic(), self._transferred(), bw, ram.counters.sync_s)
+        model.update(time.monotonic(), self._transferred(), bw, ram.counters.sync_s,
+                     ram.counters.sync_dirtied)
+        self._mark("pass", **{"pass": ram.counters.dirty_sync_count - 1}, pending=pending,
+                   dirtied=ram.counters.sync_dirtied, **model.figures())
         self._estimate(pending, bw, ram)
-        return pending <= model.threshold(bw, limit, factor)
+        return model.fits(pending, bw, limit, factor)
 
     def _estimate(self, pending: int, bw: float, ram: RamSaveHandler) -> None:
         """expected-downtime and x-eta-ms for query-migrate, from the downtime model."""
@@ -528,6 +533,10 @@ class MigrationSource:
                 self._phase("device-state")
 
         self._handlers.switchover(check=before_round)
+        if self._ram is not None:  # the final sync's figures (the switchover's phases)
+            c = self._ram.counters
+            self._mark("sent", final_sync_ms=round(c.final_sync_s * 1000, 1),
+                       final_dirtied=c.final_dirtied, final_pages=c.final_pages)
         self._phase("completion")
         self._check_destination_alive()
         main.write(encode_record(EndOfStream()))
@@ -536,6 +545,7 @@ class MigrationSource:
         main.flush()
         if self._sender is not None:
             self._sender.close()
+            self._mark("drained")  # every channel's data is in the kernel or beyond
         self.machine.set_throttle(0)
 
     # -- helpers --------------------------------------------------------------------------
