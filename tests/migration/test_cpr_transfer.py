@@ -240,7 +240,8 @@ def test_arrays_handed_over_keep_kernel_tracking(tmp_path: Path) -> None:
     src_m = Machine()
     a = src_m.array("state", (1 << 19,), "uint64", backing="memfd")
     if src_m.block("state").tracking == "manual":
-        pytest.skip("no kernel write tracking on this kernel (uffd-wp / soft-dirty)")
+        pytest.skip("environment: this kernel offers no write tracking (neither uffd-wp "
+                    "nor soft-dirty)")
     a[:] = np.arange(a.size, dtype=np.uint64)
     dst_m = Machine(incoming=True)
     b = dst_m.array("state", (1 << 19,), "uint64")

@@ -134,7 +134,7 @@ def test_restore_into_used_ram_zeroes_absent_pages(tmp_path: Path) -> None:
 def test_direct_io_round_trip(tmp_path: Path) -> None:
     why = direct_io_supported(tmp_path / "probe")
     if why is not None:
-        pytest.skip(f"direct-io: {why}")
+        pytest.skip(f"environment: {tmp_path} refuses O_DIRECT (direct-io): {why}")
     path = tmp_path / "direct.mr"
     src_m = _sparse_machine()
     _save(src_m, path, 2, **{"direct-io": True})

@@ -31,7 +31,6 @@ import numpy as np
 
 from multifd.machine.ramblock import RamBlock, received_maps
 from multifd.migration.ram import apply_page_record
-from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import RAM_SECTION_IDSTR, Command, SectionType
 from multifd.wire.errors import BadName, BadRecordType, Mismatch, Truncated, WireError
 from multifd.wire.ram import (
@@ -220,11 +219,7 @@ class StreamRecorder:
 
     # -- records ----------------------------------------------------------------------
     def _drain(self) -> None:
-        dec = self._dec
-        while True:
-            rec = dec.next_record()
-            if rec is NEED_DATA:
-                return
+        for rec in self._dec:
             self._apply(rec)
 
     def _apply(self, rec: object) -> None:

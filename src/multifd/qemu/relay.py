@@ -84,7 +84,6 @@ from multifd.transport.tls import (
     connect_tls_channels,
 )
 from multifd.transport.uri import TcpAddress, UnixAddress, parse_uri
-from multifd.wire.buffer import NEED_DATA
 from multifd.wire.constants import (
     MULTIFD_COMMON_HEADER_SIZE,
     MULTIFD_DEVICE_STATE_HEADER_SIZE,
@@ -823,11 +822,7 @@ class Relay:
         self._finish()
 
     def _drain(self) -> None:
-        dec = self._dec
-        while True:
-            rec = dec.next_record()
-            if rec is NEED_DATA:
-                return
+        for rec in self._dec:
             self._on_record(rec)
 
     # -- main-stream records --------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -400,8 +400,8 @@ class MainStreamDecoder:
             if rec is not None:
                 return rec
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        """Records until NEED_DATA (convenience for tests and offline tools)."""
+    def __iter__(self) -> Iterator[StreamRecord]:
+        """The records decodable now (until NEED_DATA)."""
         while True:
             rec = self.next_record()
             if rec is NEED_DATA:
